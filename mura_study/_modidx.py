@@ -12,4 +12,9 @@ d = { 'settings': { 'branch': 'main',
                                  'mura_study.core.project_root': ('core.html#project_root', 'mura_study/core.py'),
                                  'mura_study.core.run_dir': ('core.html#run_dir', 'mura_study/core.py'),
                                  'mura_study.core.runs_root': ('core.html#runs_root', 'mura_study/core.py'),
-                                 'mura_study.core.seed_everything': ('core.html#seed_everything', 'mura_study/core.py')}}}
+                                 'mura_study.core.seed_everything': ('core.html#seed_everything', 'mura_study/core.py')},
+            'mura_study.study': { 'mura_study.study._parser': ('study.html#_parser', 'mura_study/study.py'),
+                                  'mura_study.study.chapters': ('study.html#chapters', 'mura_study/study.py'),
+                                  'mura_study.study.finished': ('study.html#finished', 'mura_study/study.py'),
+                                  'mura_study.study.main': ('study.html#main', 'mura_study/study.py'),
+                                  'mura_study.study.reproduce': ('study.html#reproduce', 'mura_study/study.py')}}}

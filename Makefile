@@ -1,0 +1,71 @@
+# The two commands of README.md: `make study` and `make test`. Both set up .venv on first use and
+# reinstall only when pyproject.toml or constraints.txt changed.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+PROFILE ?= demo
+NAME ?= $(PROFILE)
+
+.PHONY: study test check-sync check-readme readme nbtest pytest docs clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# One stamp per install flavour; each depends on the files that define it.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+study: $(VENV)/.installed
+	$(BIN)/mura-study reproduce --profile $(PROFILE) --name $(NAME)
+
+test: $(VENV)/.installed-dev check-sync check-readme nbtest pytest
+
+# Fails when nbdev-clean or nbdev-export would change a file: notebooks must be clean, modules exported.
+check-sync: $(VENV)/.installed-dev
+	@before=$$(git status --porcelain -- nbs mura_study pyproject.toml; git diff -- nbs mura_study pyproject.toml | sha1sum); \
+	$(BIN)/nbdev-clean; $(BIN)/nbdev-export; \
+	after=$$(git status --porcelain -- nbs mura_study pyproject.toml; git diff -- nbs mura_study pyproject.toml | sha1sum); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "nbdev-clean/nbdev-export changed files: run them and commit the result."; \
+	  git status --porcelain -- nbs mura_study pyproject.toml; exit 1; fi; \
+	echo "notebooks clean, modules in sync"
+
+# README.md is generated from nbs/index.ipynb (nbdev-readme needs Quarto; nbconvert does not).
+README_TMP := $(VENV)/readme
+define render_readme
+	rm -rf $(README_TMP) && mkdir -p $(README_TMP)
+	cd nbs && ../$(BIN)/jupyter nbconvert --log-level=ERROR --to markdown --execute --no-input \
+	  --output-dir ../$(README_TMP) --output README index.ipynb
+endef
+
+readme: $(VENV)/.installed-dev
+	$(render_readme)
+	cp $(README_TMP)/README.md README.md
+
+check-readme: $(VENV)/.installed-dev
+	$(render_readme)
+	@cmp -s $(README_TMP)/README.md README.md || { echo "README.md is stale: run 'make readme' and commit it."; diff $(README_TMP)/README.md README.md | head -20; exit 1; }
+	@echo "README.md up to date"
+
+nbtest: $(VENV)/.installed-dev
+	$(BIN)/nbdev-test --n-workers 2 --timing
+
+pytest: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q tests
+
+# Quarto site when quarto exists; otherwise each notebook rendered to HTML by nbconvert.
+docs: $(VENV)/.installed-dev
+	@if command -v quarto >/dev/null; then $(BIN)/nbdev-docs; else \
+	  echo "quarto not found: rendering notebooks to HTML with nbconvert into _docs/ instead"; \
+	  mkdir -p _docs; cd nbs && ../$(BIN)/jupyter nbconvert --log-level=ERROR --to html --execute --output-dir ../_docs *.ipynb; fi
+
+clean-venv:
+	rm -rf $(VENV)
