@@ -1,0 +1,144 @@
+"Interpretation maps on tiny models: shapes and ranges, determinism, hand-computed scores, the sanity check."
+import numpy as np, pandas as pd, pytest, torch
+from PIL import Image
+from torch import nn
+import torch.nn.functional as F
+
+from mura_study.data import GREY_MEAN, GREY_STD, load_grey
+from mura_study.interpret import (box_mask, boxes_to_model, curve_auc, energy_pointing_game, explain,
+    gradcam, gradcam_saliency, image_scores, lime, overlay_grid, pick_cases, pointing_game, randomized_copy,
+    rank_correlation, rise_curves, saliency, score_maps, faithfulness_table, unit_maps)
+
+SIZE = 32
+
+class TinyCNN(nn.Module):
+    "Two convolutions, global pooling, two logits."
+    def __init__(self, size=SIZE):
+        super().__init__(); self.size = size
+        self.c1, self.c2, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.Linear(8, 2)
+    def forward(self, x): return self.head(F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3)))
+
+class MeanModel(nn.Module):
+    "P(abnormal) = mean brightness of the raw image in [0, 1]: deletion curves can be worked out by hand."
+    def __init__(self, size): super().__init__(); self.size, self.dummy = size, nn.Parameter(torch.zeros(1))
+    def forward(self, x):
+        p = (x*GREY_STD + GREY_MEAN).mean((1, 2, 3)).clamp(1e-7, 1 - 1e-7)
+        return torch.stack([torch.log1p(-p), torch.log(p)], 1)
+
+@pytest.fixture(scope='module')
+def model():
+    torch.manual_seed(0); return TinyCNN().eval()
+
+@pytest.fixture(scope='module')
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)).resize((SIZE, SIZE), Image.BILINEAR) for _ in range(3)]
+
+def check_maps(maps, n):
+    assert maps.shape == (n, SIZE, SIZE) and maps.dtype == np.float32
+    assert maps.min() >= 0 and maps.max() <= 1 and maps.max() == 1
+
+def test_each_method_returns_unit_maps_in_image_coordinates(model, images):
+    check_maps(gradcam(model, images), 3)
+    check_maps(saliency(model, images), 3)
+    check_maps(saliency(model, images, smooth=0.15, n_samples=4), 3)
+    check_maps(lime(model, images[0], num_samples=40)[None], 1)
+    check_maps(lime(model, images[0], num_samples=40, segmentation='slic')[None], 1)
+
+def test_paths_go_through_load_grey(model, images, tmp_path):
+    p = tmp_path/'wide.png'; Image.fromarray(np.full((20, 50), 200, np.uint8)).save(p)
+    np.testing.assert_array_equal(gradcam(model, [p]), gradcam(model, [load_grey(p, SIZE)]))
+
+def test_wrong_size_image_is_refused_with_the_fix(model):
+    with pytest.raises(ValueError, match='load_grey'): gradcam(model, [Image.new('L', (SIZE+1, SIZE))])
+
+def test_one_pass_maps_equal_captum_maps(model, images):
+    cam, sal = gradcam_saliency(model, images)
+    np.testing.assert_allclose(cam, gradcam(model, images), atol=1e-5)
+    np.testing.assert_allclose(sal, saliency(model, images), atol=1e-5)
+
+def test_gradient_maps_work_under_no_grad(model, images):
+    with torch.no_grad(): check_maps(gradcam(model, images), 3); check_maps(saliency(model, images), 3)
+
+def test_lime_same_seed_same_map(model, images):
+    a, b = lime(model, images[1], num_samples=60, seed=3), lime(model, images[1], num_samples=60, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, lime(model, images[1], num_samples=60, seed=4))
+
+def test_explain_gives_every_method_and_the_images(model, images):
+    out = explain(model, images, lime_samples=30, progress=False)
+    assert set(out) == {'image', 'gradcam', 'saliency', 'lime'} and out['image'].dtype == np.uint8
+    for m in ('gradcam', 'saliency', 'lime'): check_maps(out[m], 3)
+    with pytest.raises(ValueError, match='shap'): explain(model, images, methods=('shap',))
+
+def test_unit_maps_scale_each_map_and_zero_constant_ones():
+    m = unit_maps(np.stack([np.arange(4.).reshape(2, 2), np.full((2, 2), 7.)]))
+    np.testing.assert_allclose(m, [[[0, 1/3], [2/3, 1]], [[0, 0], [0, 0]]])
+
+def test_box_mask_takes_pixels_whose_centre_is_inside():
+    m = box_mask(np.array([[1, 1, 3, 3]]), 4)
+    assert m.sum() == 4 and m[1:3, 1:3].all()
+
+def test_pointing_game_hand_values():
+    mask = box_mask(np.array([[1, 1, 3, 3]]), 4)[None].repeat(3, 0)
+    maps = np.zeros((3, 4, 4)); maps[0, 1, 2] = 1; maps[1, 0, 0] = 1; maps[2, 0, 0] = maps[2, 2, 2] = 1
+    np.testing.assert_allclose(pointing_game(maps, mask), [1, 0, 0.5])
+
+def test_energy_pointing_game_hand_values():
+    mask = box_mask(np.array([[0, 0, 2, 2]]), 4)[None].repeat(2, 0)
+    maps = np.zeros((2, 4, 4)); maps[0, 0, 0], maps[0, 3, 3] = 3, 1
+    np.testing.assert_allclose(energy_pointing_game(maps, mask), [0.75, 4/16])
+
+def test_boxes_land_on_the_same_pixels_as_load_grey(tmp_path):
+    a = np.zeros((120, 200), np.uint8); a[30:90, 120:160] = 255
+    p = tmp_path/'box.png'; Image.fromarray(a).save(p)
+    b = boxes_to_model(pd.DataFrame(dict(path=[str(p)], x0=[120], y0=[30], x1=[160], y1=[90])), 100)
+    bright, mask = np.asarray(load_grey(p, 100)) > 127, box_mask(b, 100)
+    assert (bright & mask).sum()/(bright | mask).sum() > 0.9
+    assert b.content.iloc[0] == 100*60
+
+def test_deletion_auc_hand_values():
+    model, img = MeanModel(2), Image.fromarray(np.array([[255, 255], [0, 0]], np.uint8))
+    good, bad = np.array([[2., 1.], [0., -1.]]), np.array([[-1., 0.], [1., 2.]])
+    dgood, _ = rise_curves(model, img, good, steps=4, bs=8)
+    np.testing.assert_allclose(dgood, [0.5, 0.25, 0, 0, 0], atol=1e-5)
+    aucs = curve_auc(dgood), curve_auc(rise_curves(model, img, bad, steps=4, bs=8)[0])
+    np.testing.assert_allclose(aucs, [0.125, 0.375], atol=1e-5)
+
+def test_curve_auc_is_the_trapezoid_over_unit_interval():
+    assert curve_auc(np.array([1., 0.])) == 0.5 and curve_auc(np.array([0., 1., 1.])) == 0.75
+
+def test_randomisation_check_separates_a_real_map_from_a_model_free_one(images):
+    torch.manual_seed(0)
+    w = torch.zeros(2, SIZE*SIZE); w[1].view(SIZE, SIZE)[:SIZE//2, :SIZE//2] = torch.rand(SIZE//2, SIZE//2) + 1
+    trained = nn.Sequential(nn.Flatten(), nn.Linear(SIZE*SIZE, 2)); trained[1].weight.data, trained.size = w, SIZE
+    rnd = randomized_copy(trained, seed=1)
+    assert not torch.equal(rnd[1].weight, trained[1].weight)
+    real = rank_correlation(saliency(trained, images), saliency(rnd, images))
+    model_free = rank_correlation(*[np.stack([np.asarray(i, np.float32) for i in images])]*2)
+    assert np.abs(real).max() < 0.3 and (model_free == 1).all()
+    assert rank_correlation(np.ones((1, 4, 4)), np.arange(16.).reshape(1, 4, 4))[0] == 0
+
+def test_score_maps_table_with_boxes_chance_and_verdicts(model, tmp_path):
+    rng, paths = np.random.default_rng(1), []
+    for i in range(3):
+        p = tmp_path/f'im{i}.png'; Image.fromarray(rng.integers(0, 256, (40, 60), dtype=np.uint8)).save(p); paths.append(str(p))
+    boxes = pd.DataFrame(dict(path=paths[:2], x0=[0, 30], y0=[0, 10], x1=[30, 60], y1=[20, 40], kind='x'))
+    s = score_maps({'tiny': model}, paths, boxes, n_boot=50, lime_samples=20, steps=8, progress=False)
+    per = s.attrs['per_image']
+    assert len(per) == 9 and per.pointing.notna().sum() == 6
+    np.testing.assert_allclose(per.chance.dropna().unique(), [0.25, 0.375], atol=0.02)
+    assert set(s.sanity) <= {'pass', 'fail'} and set(s.score) >= {'pointing', 'chance', 'deletion', 'rank_corr'}
+    assert faithfulness_table(s).shape == (3, 9)
+
+def test_pick_cases_one_of_each_across_body_parts():
+    preds = pd.DataFrame(dict(path=list('abcdefghi'), label=[1, 1, 0, 0, 1, 0, 1, 0, 0], prob=[.9, .8, .7, .2, .1, .3, .95, .6, .1],
+                              body_part=['WRIST', 'HAND', 'WRIST', 'HAND', 'ELBOW', 'ELBOW', 'WRIST', 'FINGER', 'SHOULDER']))
+    c = pick_cases(preds)
+    assert list(c.case) == ['TP', 'FP', 'FN', 'TN'] and c.body_part.nunique() == 4
+
+def test_overlay_grid_draws_cases_by_methods(model, tmp_path):
+    p = tmp_path/'a.png'; Image.fromarray(np.full((SIZE, SIZE), 90, np.uint8)).save(p)
+    cases = pd.DataFrame(dict(path=[str(p)]*2, case=['TP', 'FN'], body_part=['WRIST', 'HAND'], prob=[.9, .1]))
+    fig = overlay_grid(model, cases, lime_samples=20, out=tmp_path/'grid.png', progress=False)
+    assert len(fig.axes) == 8 and (tmp_path/'grid.png').stat().st_size > 0
