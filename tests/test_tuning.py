@@ -135,3 +135,37 @@ def test_rerun_of_a_finished_study_adds_no_trial(tmp_path):
     assert len(s.trials) == 3
     assert len(tune(None, 'toy', 3, url, fit=never_fit).trials) == 3
     assert sum(t.state == TrialState.COMPLETE for t in tune(None, 'toy', 5, url, fit=lambda p, r: p['dropout']).trials) == 5
+
+
+@pytest.fixture(scope='module')
+def tiny_images(tmp_path_factory):
+    from mura_study.synth import make_mura
+    from mura_study.data import read_mura, protocol
+    root = make_mura(tmp_path_factory.mktemp('synth'), n_patients=12, size=48, seed=0, n_workers=0, progress=False)
+    return protocol(read_mura(root, progress=False), 'official', seed=0)
+
+
+def test_learner_trials_report_each_epoch_and_get_pruned(tiny_images, tmp_path):
+    url = f"sqlite:///{tmp_path/'tuning.db'}"
+    s = tune(tiny_images, 'mobilenetv2', 2, url, study_name='pruned', seed=0, epochs=2, size=32, bs=8,
+             pruner=optuna.pruners.ThresholdPruner(lower=2.0))               # every value is below 2: prune at once
+    assert [t.state for t in s.trials] == [TrialState.PRUNED]*2
+    assert all(list(t.intermediate_values) == [0] for t in s.trials)         # stopped after the first epoch
+    s = tune(tiny_images, 'mobilenetv2', 1, url, study_name='kept', metric='kappa', seed=0, epochs=1, size=32, bs=8)
+    t = s.trials[0]
+    assert t.state == TrialState.COMPLETE and 0 <= t.value <= 1 and list(t.intermediate_values) == [0]
+    assert 1e-5 <= t.params['lr'] <= 1e-1 and 0 <= t.params['dropout'] <= 0.7 and 1e-6 <= t.params['l2'] <= 1e-1
+
+
+def test_tuned_and_baseline_are_retrained_alike_and_compared_on_the_same_test_studies(tiny_images, tmp_path, monkeypatch):
+    monkeypatch.setenv('MURA_STUDY_RUNS', str(tmp_path))
+    res = compare_tuned(tiny_images, 'mobilenetv2', dict(lr=1e-3, dropout=0.2, l2=1e-4), epochs=1, size=32, bs=8,
+                        name='t', n_boot=200)
+    test_studies = tiny_images[tiny_images.set == 'test'].study.nunique()
+    assert len(res['baseline']['studies']) == len(res['tuned']['studies']) == test_studies
+    assert res['tuned']['params'] == dict(lr=1e-3, dropout=0.2, l2=1e-4) and res['baseline']['params']['lr'] > 0
+    assert (tmp_path/'t'/'models'/'mobilenetv2-tuned').is_dir() and (tmp_path/'t'/'models'/'mobilenetv2-baseline').is_dir()
+    g = res['gain'].set_index('metric')
+    assert abs(g.loc['f1', 'gain'] - (g.loc['f1', 'tuned'] - g.loc['f1', 'baseline'])) < 1e-12
+    table = tuning_table(res['gain'], 'mobilenetv2')
+    assert table.loc[('MobileNetV2', 'f1'), 'verdict'] in ('real gain', 'real loss', 'no clear difference')
