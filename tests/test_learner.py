@@ -1,0 +1,205 @@
+"""The learner chapter's promises: five architectures that train, pretrained weights that never wait for a network,
+model files that round-trip and never unpickle, hand-checked metrics, and training that resumes after kill -9."""
+import json, os, pickle, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import safetensors.torch as st
+import timm
+import torch
+
+from mura_study.data import mura_dataloaders, protocol, read_mura
+from mura_study.learner import (ARCHS, binary_metrics, bootstrap_weights, gradcam_layer, load_model, metric_table, mura_learner,
+                                mura_model, predict, save_model, study_frame, train)
+from mura_study.synth import make_mura
+
+torch.set_num_threads(1)  # the test machine has 2 cores shared with other jobs; one thread each is fastest there
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONHASHSEED='0')
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    "A tiny synthetic MURA cut by the official protocol."
+    root = make_mura(tmp_path_factory.mktemp('mura'), n_patients=16, size=96, seed=0, n_workers=0, progress=False)
+    return root, protocol(read_mura(root, progress=False), 'official', seed=0)
+
+
+@pytest.mark.parametrize('key', list(ARCHS))
+def test_each_architecture_runs_forward_and_backward_at_64px_with_a_gradcam_layer(key):
+    torch.manual_seed(0)
+    model = mura_model(key, size=64)
+    feats = {}
+    gradcam_layer(model).register_forward_hook(lambda m, i, o: feats.setdefault('out', o))
+    logits = model(torch.randn(2, 1, 64, 64))
+    assert logits.shape == (2, 2)
+    grad, = torch.autograd.grad(logits[:, 1].sum(), feats['out'], retain_graph=True)
+    assert grad.dim() == 4 and grad.abs().sum() > 0
+    logits.sum().backward()
+    first = next(p for p in model.parameters() if p.dim() == 4)
+    assert first.shape[1] == 1 and first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_unknown_architecture_error_lists_the_known_ones():
+    with pytest.raises(ValueError, match='known: vgg19, xception, mobilenetv2, convnext_base, densenet169'):
+        mura_model('resnet50')
+
+
+@pytest.mark.parametrize('key', ['mobilenetv2', 'xception'])
+def test_pretrained_without_weights_offline_fails_within_5_seconds_saying_what_to_do(tmp_path, key):
+    script = textwrap.dedent(f"""
+        import time
+        from mura_study.learner import mura_model
+        t0 = time.perf_counter()
+        try: mura_model({key!r}, 64, pretrained=True)
+        except FileNotFoundError as e: print(round(time.perf_counter() - t0, 2)); print(e)
+        else: print('loaded')
+    """)
+    env = dict(ENV, HF_HOME=str(tmp_path/'hf'), HF_HUB_CACHE=str(tmp_path/'hf'/'hub'), TORCH_HOME=str(tmp_path/'torch'), HF_HUB_OFFLINE='1')
+    out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=120)
+    secs, message = out.stdout.split('\n', 1)
+    assert float(secs) < 5, out.stdout
+    assert 'pretrained=False' in message and "weights='path/to/model.safetensors'" in message and 'timm.create_model' in message
+
+
+def test_local_safetensors_weights_are_loaded_and_summed_to_one_channel(tmp_path):
+    torch.manual_seed(0)
+    rgb = timm.create_model('mobilenetv2_100', pretrained=False)
+    st.save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(tmp_path/'w.safetensors'))
+    model = mura_model('mobilenetv2', 64, pretrained=True, weights=tmp_path/'w.safetensors')
+    grey = model.net[0].model.conv_stem.weight
+    assert torch.allclose(grey, rgb.conv_stem.weight.sum(1, keepdim=True))
+    assert torch.equal(model.net[0].model.blocks[3][0].conv_pw.weight, rgb.blocks[3][0].conv_pw.weight)
+    with pytest.raises(ValueError, match='must be a .safetensors file'):
+        mura_model('mobilenetv2', 64, pretrained=True, weights=tmp_path/'w.pth')
+
+
+def test_save_load_predict_round_trip_gives_identical_probabilities(tiny, tmp_path):
+    root, cut = tiny
+    torch.manual_seed(0)
+    learn = mura_learner(mura_dataloaders(cut, size=32, bs=8, device='cpu', progress=False), 'mobilenetv2', dropout=0.3)
+    train(learn, 1, lr=1e-3, folder=tmp_path/'train')
+    rows = cut[cut.set == 'test']
+    before = predict(learn, rows)
+    back = load_model(save_model(learn, tmp_path/'model'))
+    after = predict(back, rows)
+    assert np.array_equal(before.prob.to_numpy(), after.prob.to_numpy()) and before.prob.notna().all()
+    assert (back.arch.key, back.size, back.config['dropout'], back.config['epochs']) == ('mobilenetv2', 32, 0.3, 1)
+
+
+def test_predict_reports_unreadable_images_per_row(tiny, tmp_path):
+    root, cut = tiny
+    bad = tmp_path/'bad.png'
+    bad.write_bytes(b'\x89PNG truncated')
+    out = predict(mura_model('mobilenetv2', 32), [cut.path.iloc[0], bad, cut.path.iloc[1]], bs=2)
+    assert out.prob.isna().tolist() == [False, True, False]
+    assert out.error[1] is not None and 'bad.png' in out.error[1] and out.error[0] is None
+
+
+class Payload:
+    "Unpickling this creates a marker file: proof that the pickle ran."
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (os.makedirs, (self.marker,))
+
+
+def test_malicious_pickle_is_refused_without_running_its_payload(tmp_path):
+    marker = tmp_path/'payload_ran'
+    evil = pickle.dumps(Payload(marker))
+    for name in ('model.pkl', 'model.pth', 'model.pt', 'weights.bin'):
+        (tmp_path/name).write_bytes(evil)
+        with pytest.raises(ValueError, match='refusing to load a pickle'): load_model(tmp_path/name)
+    folder = tmp_path/'export'; folder.mkdir()
+    (folder/'export.pkl').write_bytes(evil)
+    with pytest.raises(FileNotFoundError, match='not a mura_study model folder'): load_model(folder)
+    disguised = tmp_path/'disguised'; disguised.mkdir()
+    (disguised/'model.safetensors').write_bytes(evil)
+    (disguised/'config.json').write_text(json.dumps(dict(arch='mobilenetv2', size=32)))
+    with pytest.raises(Exception): load_model(disguised)
+    assert not marker.exists()
+    pickle.loads(evil)  # the payload is real: unpickling it does create the marker
+    assert marker.exists()
+
+
+def test_evaluate_metrics_on_a_hand_made_frame_match_hand_computed_values():
+    # probabilities are multiples of 1/8, so means and ties are exact
+    images = pd.DataFrame(dict(study=['s1', 's1', 's2', 's3', 's4', 's5', 's5'], body_part=['HAND']*4 + ['WRIST']*3,
+                               label=[1, 1, 1, 0, 0, 0, 0], prob=[0.875, 0.625, 0.375, 0.625, 0.125, 0.25, 0.5]))
+    studies = study_frame(images)
+    assert studies.prob.tolist() == [0.75, 0.375, 0.625, 0.125, 0.375]
+    t = metric_table(studies, n_boot=300).set_index(['body_part', 'metric']).value
+    # studies: s1 TP, s2 FN, s3 FP, s4 and s5 TN -> precision = recall = F1 = 1/2; normal-class F1 2/3; accuracy 3/5
+    assert (t['ALL', 'precision'], t['ALL', 'recall'], t['ALL', 'f1']) == (0.5, 0.5, 0.5)
+    assert np.isclose(t['ALL', 'macro_f1'], (1/2 + 2/3)/2) and np.isclose(t['ALL', 'accuracy'], 3/5)
+    # kappa: p_o = 3/5, p_e = (2/5)(2/5) + (3/5)(3/5) = 13/25 -> (2/25)/(12/25) = 1/6
+    assert np.isclose(t['ALL', 'kappa'], 1/6)
+    # AUROC, 2 abnormal x 3 normal pairs: 0.75 beats all three; 0.375 beats 0.125, ties 0.375 (1/2), loses to 0.625
+    assert t['ALL', 'auroc'] == 4.5/6
+    # HAND (s1 TP, s2 FN, s3 FP): p_o = 1/3, p_e = 5/9 -> kappa -1/2; AUROC: 0.75 > 0.625, 0.375 < 0.625 -> 1/2
+    assert np.isclose(t['HAND', 'kappa'], -0.5) and t['HAND', 'auroc'] == 0.5
+    # WRIST has normal studies only: AUROC and kappa are undefined, precision and recall 0 (scikit-learn's zero_division=0)
+    assert np.isnan(t['WRIST', 'auroc']) and np.isnan(t['WRIST', 'kappa']) and t['WRIST', 'recall'] == 0
+    # images: 0.875 and 0.625 TP, 0.375 FN, 0.625 FP, 0.125 0.25 0.5 TN (0.5 is not > 0.5)
+    ti = metric_table(images, n_boot=300).set_index(['body_part', 'metric']).value
+    assert np.isclose(ti['ALL', 'recall'], 2/3) and np.isclose(ti['ALL', 'precision'], 2/3) and np.isclose(ti['ALL', 'accuracy'], 5/7)
+
+
+def test_bootstrap_resamples_whole_studies():
+    w = bootstrap_weights(['a', 'a', 'a', 'b', 'c'], n_boot=500, seed=1)
+    assert (w[:, 0] == w[:, 1]).all() and (w[:, 1] == w[:, 2]).all()
+    assert (w[:, [0, 3, 4]].sum(1) == 3).all()  # three studies drawn each time
+    m = binary_metrics([1, 1, 1, 0, 0], [0.9, 0.9, 0.9, 0.1, 0.6], w)
+    assert m['accuracy'].shape == (500,)
+
+
+RUN = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    from fastai.callback.core import Callback
+    from mura_study.core import seed_everything
+    from mura_study.data import mura_dataloaders, protocol, read_mura
+    from mura_study.learner import evaluate, mura_learner, train
+    root, folder = sys.argv[1], Path(sys.argv[2])
+
+    class SlowSecondEpoch(Callback):
+        "Gives the test time to kill the run in the middle of epoch 1; draws no random numbers."
+        def after_batch(self):
+            if self.epoch == 1 and os.environ.get('SLOW_SECOND_EPOCH'): time.sleep(0.4)
+
+    seed_everything(0)
+    cut = protocol(read_mura(root, progress=False), 'official', seed=0)
+    learn = mura_learner(mura_dataloaders(cut, size=32, bs=8, seed=0, device='cpu', progress=False), 'mobilenetv2')
+    with learn.no_bar(), learn.no_logging(): train(learn, 3, lr=3e-3, folder=folder, resume=True, cbs=[SlowSecondEpoch()])
+    res = evaluate(learn, cut[cut.set == 'test'], n_boot=200)
+    print(json.dumps(dict(metrics=res['study_metrics'].value.round(3).tolist(), probs=res['images'].prob.round(6).tolist(),
+                          history=learn.history.drop(columns='epoch').round(6).values.tolist())))
+""")
+
+
+def _run(script, root, folder, **env):
+    return subprocess.run([sys.executable, str(script), str(root), str(folder)], env=dict(ENV, **env),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_same_seed_twice_and_resume_after_sigkill_give_the_same_final_metrics(tiny, tmp_path):
+    root, _ = tiny
+    script = tmp_path/'run.py'
+    script.write_text(RUN)
+    first = _run(script, root, tmp_path/'a')
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = _run(script, root, tmp_path/'b')
+    assert json.loads(again.stdout) == json.loads(first.stdout)
+
+    folder = tmp_path/'killed'
+    proc = subprocess.Popen([sys.executable, str(script), str(root), str(folder)], env=dict(ENV, SLOW_SECOND_EPOCH='1'),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (folder/'checkpoints'/'epoch000').exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.1)
+    time.sleep(1.0)  # inside epoch 1, which the callback slows to 0.4 s per batch
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in (folder/'checkpoints').glob('epoch*')] == ['epoch000']  # killed mid-epoch 1
+
+    resumed = _run(script, root, folder)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(resumed.stdout) == json.loads(first.stdout)
