@@ -289,7 +289,7 @@ def test_protocols_official_and_clean_pass_paper_leaks(synth_df):
 
 def test_paper_subset_takes_5107_in_proportion_when_there_are_more(synth_df):
     df = synth_df.copy(); df.attrs = {}  # pandas cannot concatenate frames that all carry a DataFrame in attrs
-    big = pd.concat([df.assign(path=df.path + f'#{k}', patient=df.patient + f'_{k}') for k in range(30)], ignore_index=True)
+    big = pd.concat([df.assign(path=df.path + f'#{k}', patient=df.patient + f'_{k}') for k in range(6000 // len(df) + 1)], ignore_index=True)
     sub = data.paper_subset(big, seed=0)
     assert len(sub) == 5107
     share = lambda d: d.groupby(['body_part', 'label']).size() / len(d)
