@@ -144,3 +144,19 @@ def test_body_parts_and_labels_roughly_follow_mura(plan):
     studies = big.drop_duplicates(['patient', 'body_part', 'study'])
     assert .33 < studies.label.mean() < .5
     assert 1.5 < len(big)/len(studies) < 3.5
+
+
+@pytest.mark.parametrize('kind', ['fracture', 'lesion', 'hardware'])
+def test_each_finding_visibly_changes_its_box_at_128_px(kind):
+    from mura_study.synth import render_view, study_findings
+    k = 128/320
+    for part in BODY_PARTS:
+        for pid in (3, 4, 5):
+            fs = [f | dict(views=(1,)) for f in study_findings(0, pid, part, 1, kind, 1)]
+            im, boxes = render_view(part, fs, 320, 0, pid)
+            plain, none = render_view(part, [], 320, 0, pid)       # same view, same noise, no finding
+            assert none == [] and [b[-1] for b in boxes] == [kind]
+            small = [np.asarray(i.resize((round(i.width*k), round(i.height*k)), Image.BILINEAR), float) for i in (im, plain)]
+            x0, y0, x1, y1, _ = (np.array(boxes[0][:4])*k).round().astype(int).tolist() + [kind]
+            changed = np.abs(small[0] - small[1])[y0:y1, x0:x1] > 30
+            assert changed.sum() >= 10, (part, pid, changed.sum())
