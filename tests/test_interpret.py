@@ -97,6 +97,12 @@ def test_boxes_land_on_the_same_pixels_as_load_grey(tmp_path):
     assert (bright & mask).sum()/(bright | mask).sum() > 0.9
     assert b.content.iloc[0] == 100*60
 
+def test_boxes_of_exif_turned_images_are_refused(tmp_path):
+    exif = Image.Exif(); exif[0x0112] = 6
+    p = tmp_path/'turned.png'; Image.new('L', (40, 20)).save(p, exif=exif)
+    with pytest.raises(ValueError, match='EXIF orientation 6'):
+        boxes_to_model(pd.DataFrame(dict(path=[str(p)], x0=[1], y0=[1], x1=[5], y1=[5])), 32)
+
 def test_deletion_auc_hand_values():
     model, img = MeanModel(2), Image.fromarray(np.array([[255, 255], [0, 0]], np.uint8))
     good, bad = np.array([[2., 1.], [0., -1.]]), np.array([[-1., 0.], [1., 2.]])
