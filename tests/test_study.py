@@ -1,0 +1,55 @@
+"""End to end: `mura-study reproduce --profile ci` executes every chapter and writes what the study promises."""
+import json, os, re, subprocess, sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mura_study import study
+
+CLI = str(Path(sys.executable).parent / "mura-study")
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    env = {**os.environ, "MURA_STUDY_RUNS": str(runs)}
+    out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "ci"], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return runs / "ci", out.stdout
+
+
+def test_every_chapter_finished(ci_run):
+    rd, _ = ci_run
+    names = [nb.name for nb in study.chapters()]
+    assert names and all(study.finished(rd / "notebooks" / n) for n in names)
+    assert {p.stem for p in (rd / "html").glob("*.html")} == {Path(n).stem for n in names}
+
+
+def test_every_promised_table_and_figure_exists_and_is_not_empty(ci_run):
+    rd, _ = ci_run
+    for _, stem, _ in study.REPORT_SECTIONS:
+        df = pd.read_csv(rd / "tables" / f"{stem}.csv")
+        assert len(df) > 0, stem
+    figs = list((rd / "figures").glob("*.png"))
+    assert len(figs) >= len(study.REPORT_SECTIONS)
+    assert all(f.stat().st_size > 1000 for f in figs)
+
+
+def test_report_cites_the_numbers_of_the_tables(ci_run):
+    rd, _ = ci_run
+    report = (rd / "report.md").read_text()
+    assert "is missing" not in report
+    for _, stem, _ in study.REPORT_SECTIONS:
+        df = pd.read_csv(rd / "tables" / f"{stem}.csv")
+        for v in df.select_dtypes("number").to_numpy().ravel():
+            if pd.notna(v) and not float(v).is_integer():
+                assert f"{v:.3f}" in report, (stem, v)
+
+
+def test_rerun_keeps_finished_chapters(ci_run, tmp_path):
+    rd, _ = ci_run
+    env = {**os.environ, "MURA_STUDY_RUNS": str(rd.parent)}
+    out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "ci", "--no-html"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("finished earlier, kept") == len(study.chapters())
