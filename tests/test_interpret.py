@@ -148,3 +148,17 @@ def test_overlay_grid_draws_cases_by_methods(model, tmp_path):
     cases = pd.DataFrame(dict(path=[str(p)]*2, case=['TP', 'FN'], body_part=['WRIST', 'HAND'], prob=[.9, .1]))
     fig = overlay_grid(model, cases, lime_samples=20, out=tmp_path/'grid.png', progress=False)
     assert len(fig.axes) == 8 and (tmp_path/'grid.png').stat().st_size > 0
+
+class CostModel(nn.Module):
+    "A model whose call costs `per_call` seconds plus `per_image` seconds for each image beyond `cheap` in the batch."
+    def __init__(self, size, per_call, per_image, cheap=0):
+        super().__init__(); self.size, self.dummy, self.cost = size, nn.Parameter(torch.zeros(1)), (per_call, per_image, cheap)
+    def forward(self, x):
+        import time; c, i, cheap = self.cost; time.sleep(c + i*max(0, len(x) - cheap)); return torch.zeros(len(x), 2)
+
+def test_best_batch_size_takes_the_fastest_per_image_and_the_larger_of_near_ties():
+    from mura_study.interpret import best_batch_size
+    # up to 4 images ride free on a 4 ms call, beyond that each costs 4 ms: 4 is clearly fastest per image
+    assert best_batch_size(CostModel(8, .004, .004, cheap=4), candidates=(1, 2, 4, 8, 16)) == 4
+    # a fixed cost per call only: per-image time keeps falling, the largest batch wins
+    assert best_batch_size(CostModel(9, .004, 0.), candidates=(1, 2, 4, 8)) == 8
