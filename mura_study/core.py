@@ -78,6 +78,7 @@ class Profile:
     n_patients:int|None         # synthetic patients to generate (None: real data, use it all)
     synth_side:int              # longest side of synthetic images, in pixels
     n_trials:int                # hyperparameter-search trials
+    trial_epochs:int            # training epochs per trial (the final baseline and tuned models train `epochs`)
     lime_samples:int            # perturbations per LIME explanation
     n_explain:int               # images explained per architecture
     data:str = 'synthetic'      # 'synthetic' or 'real'
@@ -87,11 +88,11 @@ class Profile:
 # %% ../nbs/00_core.ipynb #14ec4b0c
 PROFILES = {
     'ci':    Profile('ci',    size=64,  epochs=1,  bs=16, archs=('mobilenetv2',), n_patients=60,  synth_side=160,
-                     n_trials=2,  lime_samples=64,   n_explain=4),
+                     n_trials=2,  trial_epochs=1, lime_samples=64,   n_explain=4),
     'demo':  Profile('demo',  size=128, epochs=8,  bs=32, archs=('mobilenetv2',), n_patients=900, synth_side=320,
-                     n_trials=12, lime_samples=300,  n_explain=12),
+                     n_trials=4,  trial_epochs=2, lime_samples=300,  n_explain=12),
     'paper': Profile('paper', size=224, epochs=30, bs=32, archs=('vgg19', 'xception', 'mobilenetv2', 'convnext_base', 'densenet169'),
-                     n_patients=None, synth_side=512, n_trials=50, lime_samples=1000, n_explain=32, data='real'),
+                     n_patients=None, synth_side=512, n_trials=50, trial_epochs=30, lime_samples=1000, n_explain=32, data='real'),
 }
 
 # %% ../nbs/00_core.ipynb #449115c2

@@ -26,7 +26,7 @@ import timm
 from .core import *
 from .data import GREY_MEAN, GREY_STD, BODY_PARTS, load_grey, to_batch, pad_square, read_boxes, protocol
 from .synth import render_view
-from .learner import MuraModel, gradcam_layer, load_model, save_model, fit_evaluate
+from .learner import DEFAULT_LR, MuraModel, gradcam_layer, load_model, save_model, fit_evaluate
 
 # %% auto #0
 __all__ = ['METHODS', 'SCORES', 'CASES', 'TITLES', 'model_size', 'as_images', 'unit_maps', 'model_name', 'model_device',
@@ -633,7 +633,7 @@ def trained_model(arch:str, # architecture key
     models_dir = Path(models_dir or run_dir(name)/'models')
     for proto in ('paper_clean', 'official', 'paper'):  # 'paper' last: its test originals have copies in train
         if (f := models_dir/f'{arch}-{proto}'/'final').is_dir(): return load_model(f), _test_rows(df, proto, seed)
-    learn, _ = fit_evaluate(protocol(df, 'official', seed=seed), arch, size, epochs, bs, lr=2e-3, seed=seed, name=name, n_boot=10)
+    learn, _ = fit_evaluate(protocol(df, 'official', seed=seed), arch, size, epochs, bs, lr=DEFAULT_LR, seed=seed, name=name, n_boot=10)
     return load_model(save_model(learn, models_dir/f'{arch}-official'/'final')), _test_rows(df, 'official', seed)
 
 def _test_rows(df, name, seed):

@@ -40,13 +40,13 @@ from .data import GREY_MEAN, GREY_STD, GreyItem, mura_dataloaders, protocol, rea
 from .synth import make_mura
 
 # %% auto #0
-__all__ = ['ARCHS', 'METRICS', 'PICKLE_SUFFIXES', 'Arch', 'get_arch', 'pretrained_file', 'MuraModel', 'mura_model',
-           'gradcam_layer', 'weighted_auroc', 'binary_metrics', 'study_frame', 'bootstrap_weights', 'metric_table',
-           'mura_split', 'StudyKappa', 'mura_learner', 'save_model', 'load_model', 'save_checkpoint', 'load_checkpoint',
-           'Checkpoints', 'fingerprint', 'train_folder', 'train', 'predict', 'evaluate', 'summary_row',
-           'plot_confusion', 'plot_roc', 'efficiency_table', 'bench_predict', 'bench_loop', 'bench', 'fit_evaluate',
-           'comparison_table', 'long_table', 'plot_metric_bars', 'kappa_by_body_part', 'plot_kappa_heatmap',
-           'plot_efficiency']
+__all__ = ['ARCHS', 'METRICS', 'DEFAULT_LR', 'PICKLE_SUFFIXES', 'Arch', 'get_arch', 'pretrained_file', 'MuraModel', 'paper_head',
+           'mura_model', 'gradcam_layer', 'weighted_auroc', 'binary_metrics', 'study_frame', 'bootstrap_weights',
+           'metric_table', 'mura_split', 'StudyKappa', 'mura_learner', 'save_model', 'load_model', 'save_checkpoint',
+           'load_checkpoint', 'Checkpoints', 'fingerprint', 'train_folder', 'train', 'predict', 'evaluate',
+           'summary_row', 'plot_confusion', 'plot_roc', 'efficiency_table', 'bench_predict', 'bench_loop', 'bench',
+           'fit_evaluate', 'exposure_epochs', 'comparison_table', 'long_table', 'plot_metric_bars',
+           'kappa_by_body_part', 'plot_kappa_heatmap', 'plot_efficiency']
 
 # %% ../nbs/03_learner.ipynb #cbec36f4
 @dataclass(frozen=True)
@@ -60,12 +60,13 @@ class Arch:
     std:float               # grey std its pretrained weights expect
     gradcam_layer:str       # dotted path, inside the timm model, of the layer Grad-CAM explains
     unused:tuple = ()       # timm submodules that fastai's body never calls, dropped from the model
+    scratch:tuple = ()      # timm options, as (name, value) pairs, for a network trained from scratch
 
 # %% ../nbs/03_learner.ipynb #c527002e
 ARCHS = {a.key: a for a in [
     Arch('vgg19',         'VGG19',         'vgg19',           224, 0.449, 0.226, 'features.35', unused=('pre_logits',)),
     Arch('xception',      'Xception',      'legacy_xception', 299, 0.5,   0.5,   'act4'),
-    Arch('mobilenetv2',   'MobileNetV2',   'mobilenetv2_100', 224, 0.449, 0.226, 'bn2'),
+    Arch('mobilenetv2',   'MobileNetV2',   'mobilenetv2_100', 224, 0.449, 0.226, 'bn2', scratch=(('bn_eps', 1e-3),)),
     Arch('convnext_base', 'ConvNeXt-Base', 'convnext_base',   224, 0.449, 0.226, 'stages.3'),
     Arch('densenet169',   'DenseNet-169',  'densenet169',     224, 0.449, 0.226, 'features.norm5'),
 ]}
@@ -112,18 +113,30 @@ class MuraModel(nn.Module):
     def forward(self, x): return self.net(x*self.in_scale + self.in_shift)
 
 # %% ../nbs/03_learner.ipynb #265c1a2c
+def paper_head(nf:int, # features the body puts out per position
+               dropout:float=0.5, # dropout before the linear layer
+               n_out:int=2, # logits
+              ) -> nn.Sequential:
+    "The paper's classifier head: global average pooling, dropout, one linear layer started near zero."
+    lin = nn.Linear(nf, n_out)
+    nn.init.normal_(lin.weight, std=0.01); nn.init.zeros_(lin.bias)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), lin)
+
 def mura_model(arch:str|Arch, # architecture key or entry
                size:int|None=None, # input size the model is trained for (default: the architecture's)
                pretrained:bool=False, # start from ImageNet weights (local file or hub cache only)
                weights:str|Path|None=None, # local `.safetensors` weights for the timm model
-               dropout:float=0.5, # dropout of fastai's head (its `ps`)
+               dropout:float=0.5, # dropout of the head
+               timm_kwargs:dict|None=None, # options for `timm.create_model`; None: the arch's `scratch` options when not pretrained
               ) -> MuraModel:
-    "Build the model: fastai's `create_timm_model` body and head, one grey input channel, two classes."
+    "Build the model: fastai's `create_timm_model` body with `paper_head`, one grey input channel, two classes."
     a = get_arch(arch)
+    timm_kwargs = (dict(a.scratch) if not pretrained else {}) if timm_kwargs is None else dict(timm_kwargs)
     kw = dict(pretrained_cfg_overlay=dict(file=str(pretrained_file(a, weights)))) if pretrained else {}
-    net, _ = create_timm_model(a.timm_id, 2, pretrained=pretrained, n_in=1, ps=dropout, **kw)
+    net, _ = create_timm_model(a.timm_id, 2, pretrained=pretrained, n_in=1, init=None, custom_head=nn.Identity(), **kw, **timm_kwargs)
+    net[1] = paper_head(net[0].model.num_features, dropout)  # the width is known once the body exists
     for name in a.unused: setattr(net[0].model, name, nn.Identity())
-    config = dict(arch=a.key, timm_id=a.timm_id, paper_name=a.paper_name, size=size or a.size, pretrained=pretrained, dropout=dropout)
+    config = dict(arch=a.key, timm_id=a.timm_id, paper_name=a.paper_name, size=size or a.size, pretrained=pretrained, dropout=dropout, head='paper', timm_kwargs=timm_kwargs)
     return MuraModel(net, a, size or a.size, config)
 
 def gradcam_layer(model:MuraModel|Learner, # a model, or a learner holding one
@@ -234,6 +247,8 @@ def _dls_size(dls) -> int:
     return int(x.shape[-1]) if hasattr(x, 'shape') else int(max(x.size))
 
 # %% ../nbs/03_learner.ipynb #e436a288
+DEFAULT_LR = 1e-2  # one-cycle peak of the study's untuned models (from scratch, Adam, batch 32)
+
 def mura_learner(dls, # DataLoaders from `data.mura_dataloaders` (vocab ['normal', 'abnormal'])
                  arch:str|Arch='mobilenetv2', # architecture key or entry
                  pretrained:bool=False, # start from ImageNet weights (local file or hub cache only)
@@ -284,7 +299,7 @@ def load_model(src:str|Path, # a folder written by `save_model` (or its `model.s
         raise FileNotFoundError(f"{src}: not a mura_study model folder (needs model.safetensors and config.json; found {found}). "
                                 "Pickle files in it are never loaded; write models with learner.save_model.")
     config = json.loads((folder/'config.json').read_text())
-    model = mura_model(config['arch'], config['size'], dropout=config.get('dropout', 0.5))
+    model = mura_model(config['arch'], config['size'], dropout=config.get('dropout', 0.5), timm_kwargs=config.get('timm_kwargs', {}))
     st.load_model(model, str(folder/'model.safetensors'))
     model.config = config
     return model.eval()
@@ -629,6 +644,15 @@ def fit_evaluate(cut:pd.DataFrame, # a protocol's rows: `set` = train/valid/test
     learn = mura_learner(dls, arch, size=size, **kwargs)
     train(learn, epochs, lr=lr, name=name, tag=tag, resume=name is not None)
     return learn, evaluate(learn, cut[cut.set == 'test'], n_boot=n_boot, seed=seed)
+
+# %% ../nbs/03_learner.ipynb #3b4d2c94
+def exposure_epochs(cut:pd.DataFrame, # a protocol's rows (`set`, and `source` for offline copies)
+                    epochs:int, # epochs over the original images
+                   ) -> int:
+    "Epochs over `cut`'s training rows that show each original training image as often as `epochs` epochs without copies (at least 1)."
+    train_rows = cut[cut.set == 'train']
+    originals = train_rows['source'].nunique() if 'source' in train_rows else len(train_rows)
+    return max(1, round(epochs*originals/max(len(train_rows), 1)))
 
 # %% ../nbs/03_learner.ipynb #4385d6b0
 def comparison_table(results:dict, # {model name: `evaluate` result}

@@ -236,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.add_argument('--arch', default='mobilenetv2', help="architecture: vgg19, xception, mobilenetv2, convnext_base, densenet169")
     for k, h in [('size', "input size"), ('epochs', "epochs"), ('bs', "batch size")]: t.add_argument(f'--{k}', type=int, default=None, help=f"{h} (default: the profile's)")
-    t.add_argument('--lr', type=float, default=None, help="maximum learning rate (default: found with lr_find)")
+    t.add_argument("--lr", type=float, default=learner.DEFAULT_LR, help=f"maximum one-cycle learning rate (default: {learner.DEFAULT_LR:g})")
     t.add_argument('--dropout', type=float, default=0.5, help="head dropout (default: 0.5)")
     t.add_argument('--l2', type=float, default=0.0, help="L2 penalty (default: 0)")
     e = sub.add_parser('evaluate', help="evaluate a saved model (a folder with model.safetensors and config.json)")

@@ -27,7 +27,7 @@ from . import core
 from .core import *
 from .synth import make_mura
 from .data import read_mura, protocol, mura_dataloaders
-from .learner import ARCHS, mura_learner, train, evaluate, study_frame, binary_metrics, bootstrap_weights
+from .learner import ARCHS, DEFAULT_LR, mura_learner, train, evaluate, study_frame, binary_metrics, bootstrap_weights
 
 # %% auto #0
 __all__ = ['SPACE', 'LIMITS', 'METRICS', 'COUNTED', 'BASELINE', 'SEARCH_PLOTS', 'search_space', 'space_attr', 'storage_url',
@@ -272,7 +272,7 @@ def run_images(data_path:str|Path|None=None, # a MURA-v1.1 folder (or its parent
     return protocol(read_mura(root, progress=False), protocol_name, seed=seed)
 
 # %% ../nbs/04_tuning.ipynb #32d5f9db
-BASELINE = dict(lr=None, dropout=0.5, l2=0.0)
+BASELINE = dict(lr=DEFAULT_LR, dropout=0.5, l2=0.0)  # the learner chapter's defaults
 
 def best_config(study:optuna.Study) -> dict:
     "The best trial's hyperparameters, with the values the space pinned."
@@ -308,16 +308,19 @@ def compare_tuned(df:pd.DataFrame, # images with `set` train/valid/test
                   size:int|None=None, # input size (default: the architecture's)
                   bs:int=32, # batch size
                   seed:int=0, # the same seed for both models and the bootstrap
-                  name:str|None=None, # run name: models kept in runs/<name>/models/<arch>-baseline|tuned
+                  name:str|None=None, # run name: models kept (and resumed) in runs/<name>/models/<arch>-baseline|tuned
                   n_boot:int=1000, # bootstrap resamples of test studies
                   cache_dir:Path|str|None=None, # grey-image cache folder
+                  baseline:dict=BASELINE, # the untuned setting
+                  baseline_tag:str|None=None, # model folder of the baseline (default '<arch>-baseline'); the learner chapter's '<arch>-<protocol>' reuses its model
                  ) -> dict:
     "Train the untuned baseline and `params` alike, evaluate both on the test rows, and compare them paired."
     test = df[df.set == 'test']
     if test.empty: raise ValueError("No rows with set == 'test' to compare on: cut the images with data.protocol first.")
     dls, res = mura_dataloaders(df, size=size or ARCHS[arch].size, bs=bs, seed=seed, cache_dir=cache_dir, progress=False), {}
-    for tag, p in (('baseline', BASELINE), ('tuned', params)):
-        learn = train(config_learner(dls, arch, p, seed), epochs, lr=p['lr'], name=name, tag=f'{arch}-{tag}')
+    for tag, p in (('baseline', baseline), ('tuned', params)):
+        folder = baseline_tag if tag == 'baseline' and baseline_tag else f'{arch}-{tag}'
+        learn = train(config_learner(dls, arch, p, seed), epochs, lr=p['lr'], name=name, tag=folder, resume=name is not None)
         res[tag] = evaluate(learn, test, n_boot=n_boot, seed=seed) | {'params': {**p, 'lr': learn.model.config['lr']}}
     return res | {'gain': paired_bootstrap(res['baseline']['studies'], res['tuned']['studies'], n_boot=n_boot, seed=seed)}
 
@@ -389,5 +392,5 @@ def tune_worker(storage:str=None, # database URL shared by the workers (default:
     else:
         df = run_images(data, profile, name, protocol)
         s = tune(df, arch, n_trials, storage, study, metric, name=name, seed=seed, heartbeat=heartbeat,
-                 epochs=prof.epochs, size=prof.size, bs=prof.bs, cache_dir=run_dir(name)/'cache')
+                 epochs=prof.trial_epochs, size=prof.size, bs=prof.bs, cache_dir=run_dir(name)/'cache')
     print(json.dumps(study_summary(s), default=str))

@@ -86,6 +86,19 @@ def test_save_load_predict_round_trip_gives_identical_probabilities(tiny, tmp_pa
     after = predict(back, rows)
     assert np.array_equal(before.prob.to_numpy(), after.prob.to_numpy()) and before.prob.notna().all()
     assert (back.arch.key, back.size, back.config['dropout'], back.config['epochs']) == ('mobilenetv2', 32, 0.3, 1)
+    eps = lambda m: {x.eps for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)}
+    assert eps(learn.model) == eps(back) == {1e-3}                    # from scratch: Keras's batch-norm epsilon, kept on reload
+
+
+def test_pretrained_networks_keep_their_batchnorm_epsilon_and_the_head_starts_near_zero(tmp_path):
+    rgb = timm.create_model('mobilenetv2_100', pretrained=False)
+    st.save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(tmp_path/'w.safetensors'))
+    pre = mura_model('mobilenetv2', 64, pretrained=True, weights=tmp_path/'w.safetensors')
+    assert {m.eps for m in pre.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-5}
+    torch.manual_seed(0)
+    head = mura_model('mobilenetv2', 64).net[1]                        # the paper's head: pool, dropout, one linear layer
+    assert [type(m).__name__ for m in head] == ['AdaptiveAvgPool2d', 'Flatten', 'Dropout', 'Linear']
+    assert abs(head[-1].weight.std().item() - 0.01) < 0.001 and not head[-1].bias.any()
 
 
 def test_predict_reports_unreadable_images_per_row(tiny, tmp_path):

@@ -169,3 +169,17 @@ def test_tuned_and_baseline_are_retrained_alike_and_compared_on_the_same_test_st
     assert abs(g.loc['f1', 'gain'] - (g.loc['f1', 'tuned'] - g.loc['f1', 'baseline'])) < 1e-12
     table = tuning_table(res['gain'], 'mobilenetv2')
     assert table.loc[('MobileNetV2', 'f1'), 'verdict'] in ('real gain', 'real loss', 'no clear difference')
+
+
+def test_baseline_reuses_the_learner_chapters_model_instead_of_training_it_again(tiny_images, tmp_path, monkeypatch):
+    from fastai.learner import Learner
+    from mura_study.learner import fit_evaluate
+    monkeypatch.setenv('MURA_STUDY_RUNS', str(tmp_path))
+    fit_evaluate(tiny_images, 'mobilenetv2', 32, 1, 8, lr=1e-2, seed=0, name='r', tag='mobilenetv2-official', n_boot=20)
+    fits, fit = [], Learner.fit
+    monkeypatch.setattr(Learner, 'fit', lambda self, *a, **k: (fits.append(self.model.config['dropout']), fit(self, *a, **k))[1])
+    res = compare_tuned(tiny_images, 'mobilenetv2', dict(lr=1e-3, dropout=0.2, l2=1e-4), epochs=1, size=32, bs=8,
+                        name='r', n_boot=20, baseline_tag='mobilenetv2-official')
+    assert fits == [0.2]                                                      # only the tuned model trained
+    assert res['baseline']['params'] == dict(lr=1e-2, dropout=0.5, l2=0.0)
+    assert not (tmp_path/'r'/'models'/'mobilenetv2-baseline').exists()
