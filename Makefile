@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip
 PROFILE ?= demo
 NAME ?= $(PROFILE)
 
-.PHONY: study test check-sync check-readme readme nbtest pytest docs clean-venv
+.PHONY: study results test check-sync check-readme readme nbtest pytest docs clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 
 study: $(VENV)/.installed
 	$(BIN)/mura-study reproduce --profile $(PROFILE) --name $(NAME)
+
+# Copy the run's report and tables into results/<name> (committed: the README shows them), then render the README.
+results:
+	@test -f runs/$(NAME)/report.md || { echo "runs/$(NAME)/report.md is missing: run 'make study' first."; exit 1; }
+	mkdir -p results/$(NAME)/tables
+	cp runs/$(NAME)/report.md results/$(NAME)/
+	cp runs/$(NAME)/tables/*.csv results/$(NAME)/tables/
+	$(MAKE) readme
 
 test: $(VENV)/.installed-dev check-sync check-readme nbtest pytest
 
