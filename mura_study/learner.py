@@ -396,10 +396,10 @@ def _find_lr(learn:Learner) -> float:
     return float(learn.lr_find(num_it=min(100, max(10, 2*len(learn.dls.train))), show_plot=False).valley)
 
 def fingerprint(learn:Learner, epochs:int, lr:float|None) -> str:
-    "What a checkpoint must share with a run to be resumed by it: model settings, schedule, batch size and the data's rows."
+    "What a checkpoint must share with a run to be resumed by it: model settings (head and timm options included), schedule, batch size and the data's rows."
     rows = [int(pd.util.hash_pandas_object(dl.items.astype(str), index=False).sum()) if isinstance(getattr(dl, 'items', None), pd.DataFrame)
             else len(dl.dataset) for dl in learn.dls.loaders]
-    settings = {k: learn.model.config.get(k) for k in ('arch', 'size', 'pretrained', 'dropout', 'l2', 'wd')}
+    settings = {k: learn.model.config.get(k) for k in ('arch', 'size', 'pretrained', 'head', 'timm_kwargs', 'dropout', 'l2', 'wd')}
     key = json.dumps([settings, epochs, lr, learn.dls.bs, rows], default=str, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 

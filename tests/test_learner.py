@@ -12,7 +12,7 @@ import torch
 
 from mura_study.data import mura_dataloaders, protocol, read_mura
 from mura_study.learner import (ARCHS, binary_metrics, bootstrap_weights, gradcam_layer, load_model, metric_table, mura_learner,
-                                mura_model, predict, save_model, study_frame, train)
+                                fingerprint, mura_model, predict, save_model, study_frame, train)
 from mura_study.synth import make_mura
 
 torch.set_num_threads(1)  # the test machine has 2 cores shared with other jobs; one thread each is fastest there
@@ -216,3 +216,15 @@ def test_same_seed_twice_and_resume_after_sigkill_give_the_same_final_metrics(ti
     resumed = _run(script, root, folder)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads(resumed.stdout) == json.loads(first.stdout)
+
+
+def test_a_checkpoint_of_another_head_or_timm_options_is_not_resumed(tiny):
+    root, cut = tiny
+    learn = mura_learner(mura_dataloaders(cut, size=32, bs=8, device='cpu', progress=False), 'mobilenetv2')
+    key = fingerprint(learn, 1, 1e-2)
+    learn.model.config['head'] = 'fastai'
+    assert fingerprint(learn, 1, 1e-2) != key
+    learn.model.config.update(head='paper', timm_kwargs={})
+    assert fingerprint(learn, 1, 1e-2) != key
+    learn.model.config['timm_kwargs'] = {'bn_eps': 1e-3}
+    assert fingerprint(learn, 1, 1e-2) == key
