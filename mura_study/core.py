@@ -81,6 +81,7 @@ class Profile:
     trial_epochs:int            # training epochs per trial (the final baseline and tuned models train `epochs`)
     lime_samples:int            # perturbations per LIME explanation
     n_explain:int               # images explained per architecture
+    paper_images:int = 5107     # images in the subset the paper's protocols draw (the paper: 5,107)
     data:str = 'synthetic'      # 'synthetic' or 'real'
 
     def to_dict(self) -> dict: return asdict(self)
@@ -89,8 +90,8 @@ class Profile:
 PROFILES = {
     'ci':    Profile('ci',    size=64,  epochs=1,  bs=16, archs=('mobilenetv2',), n_patients=60,  synth_side=160,
                      n_trials=2,  trial_epochs=1, lime_samples=64,   n_explain=4),
-    'demo':  Profile('demo',  size=128, epochs=8,  bs=32, archs=('mobilenetv2',), n_patients=900, synth_side=320,
-                     n_trials=4,  trial_epochs=2, lime_samples=300,  n_explain=12),
+    'demo':  Profile('demo',  size=128, epochs=15, bs=32, archs=('mobilenetv2',), n_patients=900, synth_side=320,
+                     n_trials=4,  trial_epochs=2, lime_samples=300,  n_explain=12, paper_images=2000),
     'paper': Profile('paper', size=224, epochs=30, bs=32, archs=('vgg19', 'xception', 'mobilenetv2', 'convnext_base', 'densenet169'),
                      n_patients=None, synth_side=512, n_trials=50, trial_epochs=30, lime_samples=1000, n_explain=32, data='real'),
 }

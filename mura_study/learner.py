@@ -110,7 +110,9 @@ class MuraModel(nn.Module):
         self.register_buffer('in_scale', torch.tensor(GREY_STD/self.arch.std), persistent=False)
         self.register_buffer('in_shift', torch.tensor((GREY_MEAN-self.arch.mean)/self.arch.std), persistent=False)
 
-    def forward(self, x): return self.net(x*self.in_scale + self.in_shift)
+    def forward(self, x):
+        # fastai's batches are `TensorImage`s; a plain tensor through the network halves a CPU training step (no per-op dispatch)
+        return self.net(x.as_subclass(torch.Tensor)*self.in_scale + self.in_shift)
 
 # %% ../nbs/03_learner.ipynb #265c1a2c
 def paper_head(nf:int, # features the body puts out per position
@@ -129,7 +131,7 @@ def mura_model(arch:str|Arch, # architecture key or entry
                dropout:float=0.5, # dropout of the head
                timm_kwargs:dict|None=None, # options for `timm.create_model`; None: the arch's `scratch` options when not pretrained
               ) -> MuraModel:
-    "Build the model: fastai's `create_timm_model` body with `paper_head`, one grey input channel, two classes."
+    "Build the model: fastai's `create_timm_model` body with `paper_head`, one grey input channel, two classes; weights in channels-last layout."
     a = get_arch(arch)
     timm_kwargs = (dict(a.scratch) if not pretrained else {}) if timm_kwargs is None else dict(timm_kwargs)
     kw = dict(pretrained_cfg_overlay=dict(file=str(pretrained_file(a, weights)))) if pretrained else {}
@@ -137,7 +139,8 @@ def mura_model(arch:str|Arch, # architecture key or entry
     net[1] = paper_head(net[0].model.num_features, dropout)  # the width is known once the body exists
     for name in a.unused: setattr(net[0].model, name, nn.Identity())
     config = dict(arch=a.key, timm_id=a.timm_id, paper_name=a.paper_name, size=size or a.size, pretrained=pretrained, dropout=dropout, head='paper', timm_kwargs=timm_kwargs)
-    return MuraModel(net, a, size or a.size, config)
+    # channels-last lets oneDNN use its fastest convolutions: a MobileNetV2 training step at 128 px on 2 CPU cores takes half the time
+    return MuraModel(net, a, size or a.size, config).to(memory_format=torch.channels_last)
 
 def gradcam_layer(model:MuraModel|Learner, # a model, or a learner holding one
                  ) -> nn.Module:
@@ -278,7 +281,7 @@ def save_model(learn_or_model:Learner|MuraModel, # a trained learner or model
     "Write `dest/model.safetensors` and `dest/config.json`; return `dest`."
     model, dest = getattr(learn_or_model, 'model', learn_or_model), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    st.save_model(model, str(dest/'model.safetensors'))
+    st.save_model(model, str(dest/'model.safetensors'), force_contiguous=True)  # channels-last weights are stored in the usual layout
     config = dict(model.config, format='mura_study.model/1', size=model.size, vocab=['normal', 'abnormal'],
                   input=dict(channels=1, mean=GREY_MEAN, std=GREY_STD, preprocessing='mura_study.data.load_grey, to_batch'))
     if metrics is not None: config['metrics'] = metrics
@@ -331,9 +334,11 @@ def _opt_state(opt) -> tuple[dict, dict]:
 def _load_opt_state(opt, tensors:dict, meta:dict):
     "Inverse of `_opt_state`."
     state = [dict(s) for s in meta['state']]
+    params = [p for p, *_ in opt.all_params(with_grad=False)]
     for k, v in tensors.items():
         i, name = k.split('.', 1)
-        state[int(i)][name] = v
+        p = params[int(i)]  # moments keep their parameter's memory layout (channels-last), as when training started
+        state[int(i)][name] = torch.empty_like(p).copy_(v) if v.shape == p.shape else v
     opt.load_state_dict(dict(hypers=L(meta['hypers']), state=state))
 
 # %% ../nbs/03_learner.ipynb #18a30aa6
@@ -342,7 +347,7 @@ def save_checkpoint(learn:Learner, folder:Path, state:dict) -> Path:
     ckpts = Path(folder)/'checkpoints'
     tmp = ckpts/'.partial'
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    st.save_model(learn.model, str(tmp/'model.safetensors'))
+    st.save_model(learn.model, str(tmp/'model.safetensors'), force_contiguous=True)
     tensors, opt_meta = _opt_state(learn.opt)
     st.save_file(tensors, str(tmp/'optimizer.safetensors'))
     (tmp/'state.json').write_text(json.dumps(dict(state, optimizer=opt_meta, rng=_rng_state(learn.dls)), default=float))
