@@ -445,11 +445,11 @@ def _input_or_error(row:pd.Series, item:GreyItem):
     try: return item(row).numpy(), None
     except (OSError, ValueError) as e: return None, f"{type(e).__name__}: {e}"
 
-def _load_batch(rows:pd.DataFrame, item:GreyItem) -> tuple[list, list]:
-    "Positions and images of the readable rows, and an error (or None) for every row."
+def _load_batch(rows:pd.DataFrame, item:GreyItem) -> tuple[list, torch.Tensor|None, list]:
+    "Positions of the readable rows, their model input (normalised batch, or None), and an error (or None) for every row."
     loaded = [_input_or_error(row, item) for _, row in rows.iterrows()]
-    ok = [(i, im) for i, (im, err) in enumerate(loaded) if err is None]
-    return ok, [err for _, err in loaded]
+    ok = [i for i, (im, err) in enumerate(loaded) if err is None]
+    return ok, to_batch([loaded[i][0] for i in ok]) if ok else None, [err for _, err in loaded]
 
 # %% ../nbs/03_learner.ipynb #d722acfc
 def predict(model:MuraModel|Learner, # a model, or a learner holding one
@@ -462,12 +462,12 @@ def predict(model:MuraModel|Learner, # a model, or a learner holding one
     probs, errors, starts = np.full(len(df), np.nan), [], range(0, len(df), bs)
     was_training, device, item = m.training, next(m.parameters()).device, GreyItem(m.size)
     m.eval()
-    with torch.inference_mode(), ThreadPoolExecutor(1) as pool:  # the next batch is read while this one runs
+    with torch.inference_mode(), ThreadPoolExecutor(1) as pool:  # the next batch is read and normalised while this one runs
         ahead = pool.submit(_load_batch, df.iloc[:bs], item)
         for s in starts:
-            ok, errs = ahead.result(); errors += errs
+            ok, x, errs = ahead.result(); errors += errs
             ahead = pool.submit(_load_batch, df.iloc[s+bs:s+2*bs], item)
-            if ok: probs[[s + i for i, _ in ok]] = m(to_batch([im for _, im in ok]).to(device)).float().softmax(-1)[:, 1].cpu().numpy()
+            if ok: probs[[s + i for i in ok]] = m(x.to(device)).float().softmax(-1)[:, 1].cpu().numpy()
     m.train(was_training)
     df['prob'], df['error'] = probs, pd.Series(errors, index=df.index, dtype=object)
     if 'study' in df: df['study_prob'] = df.groupby('study')['prob'].transform('mean')
