@@ -22,9 +22,11 @@ import seaborn as sns
 import timm
 from fastprogress.fastprogress import progress_bar
 from sklearn.model_selection import StratifiedGroupKFold
-from fastai.data.core import Datasets, DataLoaders
+from fastai.data.core import Datasets, DataLoaders, TfmdDL
+from fasttransform.transform import Transform
 from fastai.data.transforms import Categorize, IntToFloatTensor, Normalize
-from fastai.torch_core import TensorImage
+from fastai.torch_core import TensorImage, TensorCategory
+from fastcore.basics import chunked
 from fastai.vision.augment import RandTransform, affine_mat, rotate_mat
 
 from . import core
@@ -36,8 +38,9 @@ __all__ = ['SPLITS', 'VOCAB', 'COLUMNS', 'PAPER_IMAGES', 'PROTOCOLS', 'GREY_MEAN
            'MuraError', 'mura_folder', 'read_mura', 'summary', 'patient_split', 'leakage_report', 'LeakageError',
            'check_leakage', 'paper_subset', 'with_copies', 'protocol', 'to_grey', 'pad_square', 'load_grey',
            'channel_cost', 'GreyCache', 'grey_cache', 'Augment', 'shear_mat', 'RotateShear', 'RandomBlur', 'SaltPepper',
-           'augment_tfms', 'pil_augment', 'offline_copy', 'to_batch', 'GreyItem', 'label_name', 'mura_dataloaders',
-           'read_boxes', 'bench_loader', 'plot_counts', 'plot_image_sizes', 'augmentation_gallery', 'plot_batch']
+           'augment_tfms', 'pil_augment', 'offline_copy', 'to_batch', 'GreyItem', 'label_name', 'GreyDL',
+           'mura_dataloaders', 'read_boxes', 'bench_loader', 'plot_counts', 'plot_image_sizes', 'augmentation_gallery',
+           'plot_batch']
 
 # %% ../nbs/02_data.ipynb #07e3f23d
 SPLITS = ('train', 'valid')
@@ -546,10 +549,11 @@ def to_batch(images, # PIL 'L' images or uint8 arrays (H, W), all the same size
     return ((x - GREY_MEAN) / GREY_STD).to(device or 'cpu')
 
 # %% ../nbs/02_data.ipynb #03f5fbc0
-class GreyItem:
+class GreyItem(Transform):
     "A row as its (1, size, size) uint8 image: the cached `load_grey` square, offline copy applied if `aug` > 0."
-    def __init__(self, size:int, cache:GreyCache|None=None, aug:Augment=Augment()): self.size, self.cache, self.aug = size, cache, aug
-    def __call__(self, row:pd.Series) -> TensorImage:
+    def __init__(self, size:int, cache:GreyCache|None=None, aug:Augment=Augment()):
+        super().__init__(); self.size, self.cache, self.aug = size, cache, aug
+    def encodes(self, row) -> TensorImage:  # a pandas row
         src = row['source'] if 'source' in row.index and isinstance(row['source'], str) else row['path']
         a = self.cache.get(src) if self.cache is not None else None
         a = np.array(load_grey(src, self.size) if a is None else a)
@@ -561,6 +565,33 @@ def label_name(row:pd.Series) -> str:
     "'normal' or 'abnormal' for a row's `label` (0 or 1)."
     return VOCAB[int(row['label'])]
 
+# %% ../nbs/02_data.ipynb #51a2dfee
+def _batch_plan(ds) -> tuple|None:
+    "For a `Datasets` of frame rows read by a cached `GreyItem` and labelled with `VOCAB`: the item reader, rows, cache positions, offline-copy indices and labels; otherwise None."
+    tls = getattr(ds, 'tls', None)
+    if tls is None or len(tls) != 2 or not isinstance(tls[0].items, pd.DataFrame): return None
+    item = [f for f in tls[0].tfms.fs if isinstance(f, GreyItem)]
+    cat = [f for f in tls[1].tfms.fs if isinstance(f, Categorize)]
+    if len(tls[0].tfms.fs) != 1 or not item or item[0].cache is None or not cat or list(cat[0].vocab) != VOCAB: return None
+    rows = tls[0].items
+    src = rows['source'].where(rows['source'].map(lambda v: isinstance(v, str)), rows['path']) if 'source' in rows else rows['path']
+    pos = np.array([item[0].cache.index.get(str(p), -1) for p in src], dtype=np.int64)
+    aug = rows['aug'].fillna(0).to_numpy(np.int64) if 'aug' in rows else np.zeros(len(rows), np.int64)
+    return item[0], rows, pos, aug, rows['label'].to_numpy(np.int64)
+
+class GreyDL(TfmdDL):
+    "fastai's `TfmdDL`; batches of cached rows are read from the cache in one indexing operation."
+    def create_batches(self, samps):
+        plan = _batch_plan(self.dataset)
+        if plan is None: yield from super().create_batches(samps); return
+        item, rows, pos, aug, labels = plan
+        for idx in chunked(samps, self.bs, self.drop_last):
+            idx = np.asarray(idx, dtype=np.int64)
+            a, hit = np.empty((len(idx), item.size, item.size), np.uint8), (pos[idx] >= 0) & (aug[idx] == 0)
+            if hit.any(): a[hit] = item.cache.array[pos[idx[hit]]]
+            for j in np.flatnonzero(~hit): a[j] = item(rows.iloc[idx[j]])[0].numpy()
+            yield TensorImage(torch.from_numpy(a)[:, None]), TensorCategory(torch.from_numpy(labels[idx]))
+
 # %% ../nbs/02_data.ipynb #32fe1e2d
 def _sets(df:pd.DataFrame) -> tuple:
     "Indices of the train and valid rows; clear errors for frames without them."
@@ -569,7 +600,7 @@ def _sets(df:pd.DataFrame) -> tuple:
     if not len(tr) or not len(va): raise ValueError(f"`set` has {len(tr)} 'train' and {len(va)} 'valid' rows; both are needed.")
     return list(tr), list(va)
 
-# %% ../nbs/02_data.ipynb #51a2dfee
+# %% ../nbs/02_data.ipynb #856edeb9
 def mura_dataloaders(df:pd.DataFrame, # rows with `set` ('train'/'valid'; 'test' is left out), `path`, `label`
                      size:int=224, # side of the square model input
                      bs:int=32, # batch size
@@ -589,7 +620,7 @@ def mura_dataloaders(df:pd.DataFrame, # rows with `set` ('train'/'valid'; 'test'
     dsets = Datasets(df, tfms=[[GreyItem(size, cache)], [label_name, Categorize(vocab=VOCAB, sort=False)]], splits=splits)
     seed_everything(seed, deterministic=False)
     after = [IntToFloatTensor(), *(augment_tfms(aug) if aug else []), Normalize.from_stats([GREY_MEAN], [GREY_STD], cuda=False)]
-    return dsets.dataloaders(bs=bs, after_batch=after, device=device or default_device(), num_workers=num_workers, **kwargs)
+    return dsets.dataloaders(bs=bs, after_batch=after, device=device or default_device(), num_workers=num_workers, **{"dl_type": GreyDL, **kwargs})
 
 # %% ../nbs/02_data.ipynb #3d95d905
 BOX_COLUMNS = ['path', 'x0', 'y0', 'x1', 'y1', 'kind']

@@ -362,3 +362,21 @@ def test_read_boxes_absolute_paths_or_empty(synth, mura):
     assert list(b.columns) == ['path', 'x0', 'y0', 'x1', 'y1', 'kind'] and len(b)
     assert b.path.map(lambda p: Path(p).exists()).all()
     assert len(read_boxes(mura)) == 0
+
+
+@pytest.mark.parametrize('name', ['official', 'paper_clean'])
+def test_batched_cache_reads_give_the_same_batches_as_item_by_item(synth_df, tmp_path, name):
+    "GreyDL reads cached rows in one indexing operation; offline copies and augmentation must come out identical to fastai's per-item path."
+    from fastai.data.core import TfmdDL
+    cut = protocol(synth_df, name, seed=0)
+    kw = dict(size=48, bs=8, cache_dir=tmp_path/'cache', seed=5, device='cpu', progress=False)
+    def batches(**extra):  # each loader seeds the augmentation afresh, so build and read one at a time
+        dls = data.mura_dataloaders(cut, **kw, **extra)
+        return type(dls.train), data._batch_plan(dls.train.dataset), list(dls.train) + list(dls.valid)
+    dl_type, plan, got = batches()
+    assert dl_type is data.GreyDL and plan is not None
+    _, _, want = batches(dl_type=TfmdDL)
+    assert len(got) == len(want) > 0
+    for (x, y), (x0, y0) in zip(got, want):
+        assert type(x) is type(x0) and type(y) is type(y0)
+        assert torch.equal(x, x0) and torch.equal(y, y0)
