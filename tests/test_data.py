@@ -368,7 +368,7 @@ def test_read_boxes_absolute_paths_or_empty(synth, mura):
 def test_batched_cache_reads_give_the_same_batches_as_item_by_item(synth_df, tmp_path, name):
     "GreyDL reads cached rows in one indexing operation; offline copies and augmentation must come out identical to fastai's per-item path."
     from fastai.data.core import TfmdDL
-    cut = protocol(synth_df, name, seed=0)
+    cut = protocol(synth_df, name, seed=0, n_images=120)  # below the set's size: no capping warning
     kw = dict(size=48, bs=8, cache_dir=tmp_path/'cache', seed=5, device='cpu', progress=False)
     def batches(**extra):  # each loader seeds the augmentation afresh, so build and read one at a time
         dls = data.mura_dataloaders(cut, **kw, **extra)
