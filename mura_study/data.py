@@ -236,10 +236,15 @@ def patient_split(df:pd.DataFrame, # images with `patient`, `body_part` and `lab
     return _plain(df).assign(set=np.where(fold < k_va, 'valid', np.where(fold < k_va + k_te, 'test', 'train')))
 
 # %% ../nbs/02_data.ipynb #ac966501
+def _sources(df:pd.DataFrame) -> pd.Series:
+    "The original image of each row: its `source` (offline copies) where set, else its `path`."
+    if 'source' not in df: return df['path']
+    return df['source'].where(df['source'].map(lambda v: isinstance(v, str)), df['path'])
+
 def leakage_report(df:pd.DataFrame, # rows with `set`, `patient`, `study` (and `source` for augmented copies)
                   ) -> pd.DataFrame:
     "Patients, studies and source images shared by each pair of sets, and the share of leaked rows."
-    src = df['source'] if 'source' in df else df['path']
+    src = _sources(df)
     sets = [s for s in ('train', 'valid', 'test') if s in set(df.set)]
     rows = []
     for a, b in combinations(sets, 2):
@@ -574,8 +579,7 @@ def _batch_plan(ds) -> tuple|None:
     cat = [f for f in tls[1].tfms.fs if isinstance(f, Categorize)]
     if len(tls[0].tfms.fs) != 1 or not item or item[0].cache is None or not cat or list(cat[0].vocab) != VOCAB: return None
     rows = tls[0].items
-    src = rows['source'].where(rows['source'].map(lambda v: isinstance(v, str)), rows['path']) if 'source' in rows else rows['path']
-    pos = np.array([item[0].cache.index.get(str(p), -1) for p in src], dtype=np.int64)
+    pos = np.array([item[0].cache.index.get(str(p), -1) for p in _sources(rows)], dtype=np.int64)
     aug = rows['aug'].fillna(0).to_numpy(np.int64) if 'aug' in rows else np.zeros(len(rows), np.int64)
     return item[0], rows, pos, aug, rows['label'].to_numpy(np.int64)
 
@@ -614,7 +618,7 @@ def mura_dataloaders(df:pd.DataFrame, # rows with `set` ('train'/'valid'; 'test'
                     ) -> DataLoaders:
     "fastai DataLoaders of one grey channel: train (shuffled, augmented) and valid, from the `set` column."
     splits, df = _sets(df), df.reset_index(drop=True)
-    src = df['source'] if 'source' in df else df['path']
+    src = _sources(df)
     cache = grey_cache(src, size, cache_dir, progress=progress) if cache_dir else None
     aug = Augment() if augment is True else (augment or None)
     dsets = Datasets(df, tfms=[[GreyItem(size, cache)], [label_name, Categorize(vocab=VOCAB, sort=False)]], splits=splits)
