@@ -138,8 +138,9 @@ def write_report(rd:Path, # the run folder
         lines += [f"Table `tables/{stem}.csv`:", "", _md_table(csv), ""] if csv.exists() else [f"*Not produced: `tables/{stem}.csv` is missing.*", ""]
     lines += ["## Figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in sorted((rd/'figures').glob('*.png'))]
     times = chapter_times(rd)
-    if len(times): times.to_csv(tables/'chapter_times.csv', index=False)
-    if len(times): lines += ["", "## Chapter wall times", "", times.to_markdown(index=False, floatfmt='.1f')]
+    if len(times):
+        times.to_csv(tables/'chapter_times.csv', index=False)
+        lines += ["", "## Chapter wall times", "", times.to_markdown(index=False, floatfmt='.1f')]
     (rd/'report.md').write_text('\n'.join(lines) + '\n')
     return rd/'report.md'
 
