@@ -11,8 +11,9 @@ import timm
 import torch
 
 from mura_study.data import mura_dataloaders, protocol, read_mura
-from mura_study.learner import (ARCHS, binary_metrics, bootstrap_weights, gradcam_layer, load_model, metric_table, mura_learner,
-                                fingerprint, mura_model, predict, save_model, study_frame, train)
+from mura_study.data import load_grey, to_batch
+from mura_study.learner import (ARCHS, binary_metrics, bootstrap_weights, gradcam_layer, inference_model, load_model, metric_table,
+                                mura_learner, fingerprint, mura_model, predict, save_model, study_frame, train)
 from mura_study.synth import make_mura
 
 torch.set_num_threads(1)  # the test machine has 2 cores shared with other jobs; one thread each is fastest there
@@ -88,6 +89,22 @@ def test_save_load_predict_round_trip_gives_identical_probabilities(tiny, tmp_pa
     assert (back.arch.key, back.size, back.config['dropout'], back.config['epochs']) == ('mobilenetv2', 32, 0.3, 1)
     eps = lambda m: {x.eps for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)}
     assert eps(learn.model) == eps(back) == {1e-3}                    # from scratch: Keras's batch-norm epsilon, kept on reload
+
+
+def test_predict_on_the_folded_model_gives_the_trained_models_probabilities(tiny, tmp_path):
+    "`predict` runs `inference_model` (batch norms folded): same probabilities as the model's own forward, model left as it was."
+    root, cut = tiny
+    torch.manual_seed(0)
+    learn = mura_learner(mura_dataloaders(cut, size=32, bs=8, device='cpu', progress=False), 'densenet169')
+    train(learn, 1, lr=1e-3, folder=tmp_path/'train')  # batch-norm statistics that are not the defaults
+    m, rows = learn.model.train(), cut[cut.set == 'test'].head(12)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    probs = predict(learn, rows, bs=5).prob.to_numpy()
+    assert m.training and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert sum(isinstance(x, torch.nn.BatchNorm2d) for x in inference_model(m).modules()) < sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
+    m.eval()
+    with torch.inference_mode(): own = m(to_batch([load_grey(p, 32) for p in rows.path])).softmax(-1)[:, 1].numpy()
+    assert np.abs(probs - own).max() < 1e-4
 
 
 def test_pretrained_networks_keep_their_batchnorm_epsilon_and_the_head_starts_near_zero(tmp_path):
