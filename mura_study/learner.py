@@ -488,7 +488,7 @@ def _weights_key(m:nn.Module) -> tuple:
 def inference_model(model:nn.Module|Learner, # a study model, any module, or a learner holding one
                    ) -> nn.Module:
     "An eval-mode copy of `model` with its batch norms folded (`fold_batchnorms`), kept until the weights change; `model` itself when nothing folds."
-    m = getattr(model, 'model', model)
+    m = model.model if isinstance(model, Learner) else model  # any other module is taken whole, whatever its attributes
     key = _weights_key(m)
     if (hit := _inference.get(m)) is not None and hit[0] == key: return m if hit[1] is None else hit[1]
     net = m.net if isinstance(m, MuraModel) else m  # a MuraModel's own forward does not trace (`as_subclass`)

@@ -107,6 +107,24 @@ def test_predict_on_the_folded_model_gives_the_trained_models_probabilities(tiny
     assert np.abs(probs - own).max() < 1e-4
 
 
+def test_inference_model_folds_any_module_whole_and_leaves_unfoldable_ones_alone():
+    "A plain module is folded as a whole (an attribute named `model` is not taken for a learner's); nothing to fold: the module itself."
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        def forward(self, x): return self.model(x) * 2 + 1
+    torch.manual_seed(0)
+    w = Wrapper().eval()
+    bn = w.model[1]; bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(.5, 2); bn.weight.data.uniform_(.5, 2)
+    x = torch.randn(3, 1, 8, 8)
+    inf = inference_model(w)
+    assert isinstance(inf, Wrapper) and inf is not w and not any(isinstance(m, torch.nn.BatchNorm2d) for m in inf.modules())
+    with torch.inference_mode(): assert torch.allclose(inf(x), w(x), atol=1e-5)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU())
+    assert inference_model(plain) is plain
+
+
 def test_pretrained_networks_keep_their_batchnorm_epsilon_and_the_head_starts_near_zero(tmp_path):
     rgb = timm.create_model('mobilenetv2_100', pretrained=False)
     st.save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(tmp_path/'w.safetensors'))
