@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['RUN_SUBDIRS', 'PROFILES', 'project_root', 'runs_root', 'run_dir', 'seed_everything', 'default_device', 'Profile',
-           'profile']
+__all__ = ['RUN_SUBDIRS', 'DEFAULT_LR', 'PROFILES', 'project_root', 'runs_root', 'run_dir', 'seed_everything', 'default_device',
+           'Profile', 'profile']
 
 # %% ../nbs/00_core.ipynb #e7cda018
 def project_root(start:Path|str|None=None, # folder to search upwards from (default: the working directory)
@@ -87,6 +87,8 @@ class Profile:
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../nbs/00_core.ipynb #14ec4b0c
+DEFAULT_LR = 1e-2  # one-cycle peak of the study's untuned models (from scratch, Adam, batch 32), in every profile
+
 PROFILES = {
     'ci':    Profile('ci',    size=64,  epochs=1,  bs=16, archs=('mobilenetv2',), n_patients=60,  synth_side=160,
                      n_trials=2,  trial_epochs=1, lime_samples=64,   n_explain=4),

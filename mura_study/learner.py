@@ -41,12 +41,12 @@ from .data import GREY_MEAN, GREY_STD, GreyItem, mura_dataloaders, protocol, rea
 from .synth import make_mura
 
 # %% auto #0
-__all__ = ['ARCHS', 'METRICS', 'DEFAULT_LR', 'PICKLE_SUFFIXES', 'Arch', 'get_arch', 'pretrained_file', 'MuraModel', 'paper_head',
-           'mura_model', 'gradcam_layer', 'weighted_auroc', 'binary_metrics', 'study_frame', 'bootstrap_weights',
-           'metric_table', 'mura_split', 'StudyKappa', 'mura_learner', 'save_model', 'load_model', 'save_checkpoint',
-           'load_checkpoint', 'Checkpoints', 'fingerprint', 'train_folder', 'train', 'evaluating', 'fold_batchnorms',
-           'inference_model', 'predict', 'evaluate', 'summary_row', 'plot_confusion', 'plot_roc', 'efficiency_table',
-           'bench_predict', 'bench_loop', 'bench', 'fit_evaluate', 'exposure_epochs', 'comparison_table', 'long_table',
+__all__ = ['ARCHS', 'METRICS', 'PICKLE_SUFFIXES', 'Arch', 'get_arch', 'pretrained_file', 'MuraModel', 'paper_head', 'mura_model',
+           'gradcam_layer', 'weighted_auroc', 'binary_metrics', 'study_frame', 'bootstrap_weights', 'metric_table',
+           'mura_split', 'StudyKappa', 'mura_learner', 'save_model', 'load_model', 'save_checkpoint', 'load_checkpoint',
+           'Checkpoints', 'fingerprint', 'train_folder', 'train', 'evaluating', 'fold_batchnorms', 'inference_model',
+           'predict', 'evaluate', 'summary_row', 'plot_confusion', 'plot_roc', 'efficiency_table', 'bench_predict',
+           'bench_loop', 'bench', 'fit_evaluate', 'exposure_epochs', 'comparison_table', 'long_table',
            'plot_metric_bars', 'kappa_by_body_part', 'plot_kappa_heatmap', 'plot_efficiency']
 
 # %% ../nbs/03_learner.ipynb #cbec36f4
@@ -252,8 +252,6 @@ def _dls_size(dls) -> int:
     return int(x.shape[-1]) if hasattr(x, 'shape') else int(max(x.size))
 
 # %% ../nbs/03_learner.ipynb #e436a288
-DEFAULT_LR = 1e-2  # one-cycle peak of the study's untuned models (from scratch, Adam, batch 32)
-
 def mura_learner(dls, # DataLoaders from `data.mura_dataloaders` (vocab ['normal', 'abnormal'])
                  arch:str|Arch='mobilenetv2', # architecture key or entry
                  pretrained:bool=False, # start from ImageNet weights (local file or hub cache only)

@@ -4,18 +4,25 @@
 
 # %% ../nbs/06_study.ipynb #2ea6bb95
 from __future__ import annotations
-import argparse, json, shutil, subprocess, sys, time
+import argparse, importlib, json, shutil, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
-import papermill as pm
 
-from . import core, data, interpret, learner, synth, tuning
+from . import core
 from .core import *
 
+class _Chapter:
+    "A chapter module imported on first use, so that `mura-study --help` does not wait for fastai, timm, captum and optuna."
+    def __init__(self, name:str): self._module_name = name
+    def __getattr__(self, attr): return getattr(importlib.import_module(f'mura_study.{self._module_name}'), attr)
+    def __repr__(self): return f"<chapter mura_study.{self._module_name}, imported on first use>"
+
+data, interpret, learner, synth, tuning = map(_Chapter, ('data', 'interpret', 'learner', 'synth', 'tuning'))
+
 # %% auto #0
-__all__ = ['REPORT_SECTIONS', 'chapters', 'finished', 'to_run', 'run_data', 'run_chapter', 'reproduce', 'chapter_times',
-           'write_report', 'render_html', 'bench_all', 'main']
+__all__ = ['data', 'interpret', 'learner', 'synth', 'tuning', 'REPORT_SECTIONS', 'chapters', 'finished', 'to_run', 'run_data',
+           'run_chapter', 'reproduce', 'chapter_times', 'write_report', 'render_html', 'bench_all', 'main']
 
 # %% ../nbs/06_study.ipynb #3e6efdf2
 def chapters(nbs:Path|None=None, # notebook folder (default: the checkout's `nbs/`)
@@ -60,7 +67,7 @@ def run_data(rd:Path, # the run folder
     return root
 
 # %% ../nbs/06_study.ipynb #3cddfc65
-def _failed_cell(out:Path, err:pm.PapermillExecutionError) -> str:
+def _failed_cell(out:Path, err:Exception) -> str:  # a papermill.PapermillExecutionError
     "First line of the cell that raised, from the executed notebook."
     try: cells = json.loads(Path(out).read_text())['cells']
     except (FileNotFoundError, json.JSONDecodeError, KeyError): return '?'
@@ -71,6 +78,7 @@ def _failed_cell(out:Path, err:pm.PapermillExecutionError) -> str:
 # %% ../nbs/06_study.ipynb #c5be2f72
 def run_chapter(nb:Path, out:Path, params:dict) -> float:
     "Execute one chapter with papermill; return its wall time in seconds, or raise naming chapter and cell."
+    import papermill as pm  # here: the other commands do not need it
     t0 = time.perf_counter()
     try: pm.execute_notebook(nb, out, parameters=params, cwd=nb.parent, progress_bar=True)
     except pm.PapermillExecutionError as e:
@@ -238,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.add_argument('--arch', default='mobilenetv2', help="architecture: vgg19, xception, mobilenetv2, convnext_base, densenet169")
     for k, h in [('size', "input size"), ('epochs', "epochs"), ('bs', "batch size")]: t.add_argument(f'--{k}', type=int, default=None, help=f"{h} (default: the profile's)")
-    t.add_argument("--lr", type=float, default=learner.DEFAULT_LR, help=f"maximum one-cycle learning rate (default: {learner.DEFAULT_LR:g})")
+    t.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"maximum one-cycle learning rate (default: {DEFAULT_LR:g})")
     t.add_argument('--dropout', type=float, default=0.5, help="head dropout (default: 0.5)")
     t.add_argument('--l2', type=float, default=0.0, help="L2 penalty (default: 0)")
     e = sub.add_parser('evaluate', help="evaluate a saved model (a folder with model.safetensors and config.json)")
