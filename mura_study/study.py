@@ -4,10 +4,11 @@
 
 # %% ../nbs/06_study.ipynb #2ea6bb95
 from __future__ import annotations
-import argparse, importlib, json, shutil, subprocess, sys, time
+import argparse, ast, importlib, json, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from . import core
 from .core import *
@@ -21,8 +22,10 @@ class _Chapter:
 data, interpret, learner, synth, tuning = map(_Chapter, ('data', 'interpret', 'learner', 'synth', 'tuning'))
 
 # %% auto #0
-__all__ = ['data', 'interpret', 'learner', 'synth', 'tuning', 'REPORT_SECTIONS', 'chapters', 'finished', 'to_run', 'run_data',
-           'run_chapter', 'reproduce', 'chapter_times', 'write_report', 'render_html', 'bench_all', 'main']
+__all__ = ['data', 'interpret', 'learner', 'synth', 'tuning', 'PNG_BYTES_PER_PIXEL', 'CHECKPOINTS_PER_MODEL', 'MURA_CSVS',
+           'REPORT_SECTIONS', 'chapters', 'finished', 'to_run', 'run_data', 'chapter_imports', 'disk_estimate',
+           'NotReady', 'preflight', 'run_chapter', 'reproduce', 'chapter_times', 'write_report', 'missing_outputs',
+           'render_html', 'bench_all', 'main']
 
 # %% ../nbs/06_study.ipynb #3e6efdf2
 def chapters(nbs:Path|None=None, # notebook folder (default: the checkout's `nbs/`)
@@ -66,6 +69,87 @@ def run_data(rd:Path, # the run folder
     done.write_text(json.dumps(dict(n_patients=prof.n_patients, size=prof.synth_side, seed=seed)))
     return root
 
+# %% ../nbs/06_study.ipynb #aed1f450
+def chapter_imports(nbs:list[Path], # chapter notebooks, as from `chapters`
+                   ) -> list[str]:
+    "The modules that the code cells of `nbs` import, sorted."
+    names = set()
+    for nb in nbs:
+        for c in json.loads(Path(nb).read_text())['cells']:
+            if c['cell_type'] != 'code': continue
+            try: tree = ast.parse(''.join(c['source']))
+            except SyntaxError: continue  # a cell with IPython magics: no imports of ours use them
+            for n in ast.walk(tree):
+                if isinstance(n, ast.Import): names |= {a.name for a in n.names}
+                elif isinstance(n, ast.ImportFrom) and n.level == 0: names.add(n.module)
+    return sorted(names - {'__future__'})
+
+# %% ../nbs/06_study.ipynb #bbc74fb7
+PNG_BYTES_PER_PIXEL = 0.6  # synthetic radiographs, measured: about 0.5 byte per pixel as PNG
+CHECKPOINTS_PER_MODEL = 5  # best weights, final weights, and a checkpoint with Adam's two moments
+
+def disk_estimate(prof:Profile, # the run profile
+                  n_images:int, # images the run reads
+                 ) -> dict:
+    "Bytes a run will write, by kind: the synthetic set, the grey caches and the model files."
+    from mura_study.learner import ARCHS
+    import timm
+    sizes = {ARCHS[a].size if prof.size == 224 else prof.size for a in prof.archs}
+    data = n_images * prof.synth_side**2 * PNG_BYTES_PER_PIXEL if prof.data == 'synthetic' else 0
+    cache = sum((n_images + prof.paper_images) * s**2 for s in sizes)
+    with torch.device('meta'): n_params = {a: sum(p.numel() for p in timm.create_model(ARCHS[a].timm_id, num_classes=2).parameters())
+                                           for a in {*prof.archs, 'mobilenetv2'}}
+    trainings = [*prof.archs, 'mobilenetv2', 'mobilenetv2', 'mobilenetv2']  # + the two protocols and the tuned model
+    models = sum(4 * n_params[a] * CHECKPOINTS_PER_MODEL for a in trainings)
+    return dict(data=int(data), cache=int(cache), models=int(models))
+
+# %% ../nbs/06_study.ipynb #c9d6da39
+class NotReady(Exception):
+    "A run cannot start: every missing piece, each with its fix, one per line."
+
+def _import_problem(mod:str) -> str|None:
+    try: importlib.import_module(mod)
+    except Exception as e:
+        return f"cannot import {mod} ({type(e).__name__}: {e}). Fix: make install (or pip install -e . in this checkout)."
+
+# %% ../nbs/06_study.ipynb #55f953c3
+MURA_CSVS = ('train_image_paths.csv', 'train_labeled_studies.csv', 'valid_image_paths.csv', 'valid_labeled_studies.csv')
+
+def _data_problem(prof:Profile, data:str|Path|None) -> str|None:
+    if data is None:
+        return None if prof.data == 'synthetic' else f"profile {prof.name!r} needs real data. Fix: --data /path/to/MURA-v1.1."
+    try: data_root = importlib.import_module('mura_study.data').mura_folder(data)
+    except FileNotFoundError as e: return str(e)
+    return next((f"{data_root/n} is missing. Fix: re-extract MURA-v1.1.zip." for n in MURA_CSVS if not (data_root/n).is_file()), None)
+
+def _n_images(prof:Profile, data:str|Path|None) -> int:
+    if data is None: return len(importlib.import_module('mura_study.synth').plan_mura(prof.n_patients, 0))
+    mura = importlib.import_module('mura_study.data').mura_folder(data)
+    return sum(sum(1 for l in open(mura/f'{s}_image_paths.csv', 'rb') if l.strip()) for s in ('train', 'valid'))
+
+# %% ../nbs/06_study.ipynb #ef66ab4b
+def preflight(prof:Profile, # the run profile
+              rd:Path, # the run folder
+              data:str|Path|None=None, # a MURA-v1.1 folder; None: the synthetic set
+              nbs:list[Path]|None=None, # the chapters to run (default: `chapters()`)
+              html:bool=True, # whether the run renders HTML (needs nbconvert or Quarto)
+              free:int|None=None, # free bytes on the run's disk (default: measured)
+             ) -> list[str]:
+    "What the run will need and lacks, each with its fix; empty when the run can start."
+    need = [*chapter_imports(nbs or chapters()), 'papermill', 'tabulate'] + (['nbconvert'] if html and not shutil.which('quarto') else [])
+    problems = [p for p in map(_import_problem, dict.fromkeys(need)) if p]
+    try: importlib.import_module('jupyter_client.kernelspec').KernelSpecManager().get_kernel_spec('python3')
+    except Exception as e: problems.append(f"no Jupyter kernel 'python3' to execute the chapters ({e}). Fix: pip install ipykernel.")
+    try: tempfile.NamedTemporaryFile(dir=Path(rd)/'tables').close()
+    except OSError as e: problems.append(f"cannot write in the run folder {rd} ({e}). Fix: set MURA_STUDY_RUNS to a writable folder.")
+    if p := _data_problem(prof, data): problems.append(p)
+    if problems: return problems
+    want = int(1.5 * sum(disk_estimate(prof, _n_images(prof, data)).values()))
+    free = shutil.disk_usage(rd).free if free is None else free
+    if free < want: problems.append(f"the run needs about {want/2**30:.1f} GiB on the disk of {rd}, which has {free/2**30:.1f} GiB free. "
+                                    "Fix: free space there, or set MURA_STUDY_RUNS to a folder on a larger disk.")
+    return problems
+
 # %% ../nbs/06_study.ipynb #3cddfc65
 def _failed_cell(out:Path, err:Exception) -> str:  # a papermill.PapermillExecutionError
     "First line of the cell that raised, from the executed notebook."
@@ -94,11 +178,12 @@ def reproduce(profile:str='demo', # run profile: ci, demo or paper
               nbs:Path|None=None, # chapter notebooks (default: the checkout's `nbs/`)
               html:bool=True, # render the executed notebooks to HTML
              ) -> Path:
-    "Execute the chapters with papermill into `runs/<name>/`, then write `report.md`; return the run folder."
-    prof = core.profile(profile)
-    rd = run_dir(name or prof.name)
+    "Check what the run needs, execute the chapters with papermill into `runs/<name>/`, write `report.md`; return the run folder."
+    prof, nbs = core.profile(profile), chapters(nbs)
+    try: rd = run_dir(name or prof.name)
+    except OSError as e: raise NotReady(f"cannot create the run folder ({e}). Fix: set MURA_STUDY_RUNS to a writable folder.") from None
+    if problems := preflight(prof, rd, data, nbs, html): raise NotReady('\n'.join(problems))
     params = dict(name=rd.name, profile=prof.name, data_path=str(run_data(rd, prof, data)))
-    nbs = chapters(nbs)
     todo = to_run(nbs, rd/'notebooks', force)
     for nb in nbs:
         if nb not in todo: print(f"{nb.stem}: finished earlier, kept"); continue
@@ -151,6 +236,16 @@ def write_report(rd:Path, # the run folder
         lines += ["", "## Chapter wall times", "", times.to_markdown(index=False, floatfmt='.1f')]
     (rd/'report.md').write_text('\n'.join(lines) + '\n')
     return rd/'report.md'
+
+# %% ../nbs/06_study.ipynb #9ae1b088
+def missing_outputs(rd:Path, # the run folder
+                    nbs:list[Path]|None=None, # the chapters of the run (default: `chapters()`)
+                   ) -> list[str]:
+    "What a finished run should hold and does not: the report, a promised table, a finished chapter."
+    rd = Path(rd)
+    want = [rd/'report.md', *(rd/'tables'/f'{stem}.csv' for _, stem, _ in REPORT_SECTIONS)]
+    missing = [str(p.relative_to(rd)) for p in want if not p.is_file() or p.stat().st_size == 0]
+    return missing + [f"notebooks/{nb.name} (not finished)" for nb in nbs or chapters() if not finished(rd/'notebooks'/nb.name)]
 
 # %% ../nbs/06_study.ipynb #ba8e79b8
 def render_html(rd:Path) -> list[Path]:
@@ -273,7 +368,10 @@ def main(argv:list[str]|None=None) -> int:
     a = _parser().parse_args(argv)
     if a.cmd is None: _parser().print_help(); return 0
     if a.cmd == 'reproduce':
-        rd = reproduce(a.profile, data=a.data, name=a.name, force=a.force, html=not a.no_html)
+        try: rd = reproduce(a.profile, data=a.data, name=a.name, force=a.force, html=not a.no_html)
+        except NotReady as e:
+            print("mura-study reproduce cannot start:", *(f"  - {l}" for l in str(e).splitlines()), sep='\n', file=sys.stderr)
+            return 2
         print(f"Results in {rd}\nReport: {rd/'report.md'}"); return 0
     if a.cmd == 'synth': print(synth.make_mura(a.dest, n_patients=a.patients, size=a.size, seed=a.seed)); return 0
     if a.cmd == 'check-data': return _check_data(a)

@@ -1,5 +1,5 @@
 """End to end: `mura-study reproduce --profile ci` executes every chapter and writes what the study promises."""
-import json, os, re, subprocess, sys
+import json, os, re, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
@@ -53,3 +53,33 @@ def test_rerun_keeps_finished_chapters(ci_run, tmp_path):
     out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "ci", "--no-html"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("finished earlier, kept") == len(study.chapters())
+
+
+def _reproduce(tmp_path, env_extra, *args):
+    env = {**os.environ, "MURA_STUDY_RUNS": str(tmp_path / "runs"), **env_extra}
+    t0 = time.perf_counter()
+    out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "pf", *args], env=env, capture_output=True, text=True, timeout=300)
+    return out, time.perf_counter() - t0
+
+
+def test_reproduce_stops_in_seconds_when_a_chapter_import_fails(tmp_path):
+    shadow = tmp_path / "shadow" / "captum"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('captum is absent in this test')\n")
+    out, secs = _reproduce(tmp_path, {"PYTHONPATH": str(tmp_path / "shadow")})
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "cannot start" in out.stderr and "cannot import captum.attr" in out.stderr and "Fix:" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert secs < 60, secs
+    assert not (tmp_path / "runs" / "pf" / "data").exists(), "data was generated before the check"
+
+
+def test_reproduce_stops_when_the_run_folder_cannot_be_made(tmp_path):
+    (tmp_path / "runs").write_text("a file where the runs folder should be")
+    out, _ = _reproduce(tmp_path, {})
+    assert out.returncode == 2 and "cannot create the run folder" in out.stderr and "MURA_STUDY_RUNS" in out.stderr
+
+
+def test_reproduce_names_a_folder_that_is_not_mura(tmp_path):
+    out, _ = _reproduce(tmp_path, {}, "--data", str(tmp_path))
+    assert out.returncode == 2 and "No MURA-v1.1/train_image_paths.csv" in out.stderr
