@@ -693,6 +693,7 @@ def _bench_loader(root, n_images, size, bs, seed, device, reps) -> pd.DataFrame:
 # %% ../nbs/02_data.ipynb #6fa21739
 def _savefig(fig, out:Path|None, name:str):
     if out is not None: fig.savefig(Path(out)/'figures'/f'{name}.png', dpi=120, bbox_inches='tight')
+    plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
 
 def plot_counts(df:pd.DataFrame, by:str='set', out:Path|None=None) -> plt.Figure:

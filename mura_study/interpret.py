@@ -511,6 +511,7 @@ def draw_overlays(maps:dict, # `explain` output: 'image' and one entry per metho
     for a in axs.flat: a.set_xticks([]); a.set_yticks([])
     fig.suptitle(title, fontsize=10); fig.tight_layout()
     if out: fig.savefig(out, dpi=120, bbox_inches='tight')
+    plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
 
 def overlay_grid(model:nn.Module, # the model to explain

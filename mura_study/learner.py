@@ -580,6 +580,7 @@ def plot_confusion(results:dict, # {model name: `evaluate` result}
             ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=['normal', 'abnormal'], yticklabels=['normal', 'abnormal'],
                    xlabel='predicted', ylabel='actual', title=f"{name}: {level}")
     fig.tight_layout()
+    plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
 
 # %% ../nbs/03_learner.ipynb #cda58489
@@ -597,6 +598,7 @@ def plot_roc(results:dict, # {model name: `evaluate` result}
         ax.set(xlabel='false positive rate', ylabel='true positive rate', title=f"{level} level", aspect='equal')
         ax.legend(loc='lower right', fontsize=8)
     fig.tight_layout()
+    plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
 
 # %% ../nbs/03_learner.ipynb #294c4f52
@@ -762,6 +764,7 @@ def plot_metric_bars(results:dict, # {model name: `evaluate` result}
            ylabel=f'{level}-level value (95% CI)')
     ax.legend(fontsize=8)
     fig.tight_layout()
+    plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
 
 # %% ../nbs/03_learner.ipynb #449a1e67
@@ -778,6 +781,7 @@ def plot_kappa_heatmap(table:pd.DataFrame) -> plt.Figure:
     sns.heatmap(table.astype(float), annot=True, fmt='.2f', vmin=-0.2, vmax=1, cmap='viridis', ax=ax, cbar_kws=dict(label="Cohen's kappa"))
     ax.set(xlabel='', ylabel='')
     fig.tight_layout()
+    plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
 
 # %% ../nbs/03_learner.ipynb #fade6d44
@@ -793,4 +797,5 @@ def plot_efficiency(eff:pd.DataFrame, # from `efficiency_table`
         ax.annotate(f"{e.paper_name}\n{e.params_M:.1f} M, {e.gflops:.2f} GFLOPs", (e.latency_ms, f1.value), fontsize=8, xytext=(6, 4), textcoords='offset points')
     ax.set(xscale='log', ylim=(-0.02, 1.02), xlabel='CPU latency per image (ms, best batch size)', ylabel='study-level F1 (95% CI)')
     fig.tight_layout()
+    plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
