@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PROFILE ?= demo
 NAME ?= $(PROFILE)
+ifneq ($(wildcard .tools/quarto/bin/quarto),)
+export PATH := $(CURDIR)/.tools/quarto/bin:$(PATH)
+endif
 
 .PHONY: study results test check-sync check-readme readme nbtest pytest docs clean-venv
 
@@ -26,12 +29,11 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 study: $(VENV)/.installed
 	$(BIN)/mura-study reproduce --profile $(PROFILE) --name $(NAME)
 
-# Copy the run's report and tables into results/<name> (committed: the README shows them), then render the README.
-results:
+# Keep the run's report, tables, figures and executed notebooks in results/<name> (committed: the README and the
+# docs show them), then render the README.
+results: $(VENV)/.installed-dev
 	@test -f runs/$(NAME)/report.md || { echo "runs/$(NAME)/report.md is missing: run 'make study' first."; exit 1; }
-	mkdir -p results/$(NAME)/tables
-	cp runs/$(NAME)/report.md results/$(NAME)/
-	cp runs/$(NAME)/tables/*.csv results/$(NAME)/tables/
+	$(BIN)/mura-study results --name $(NAME)
 	$(MAKE) readme
 
 test: $(VENV)/.installed-dev check-sync check-readme nbtest pytest
@@ -69,11 +71,11 @@ nbtest: $(VENV)/.installed-dev
 pytest: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q tests
 
-# Quarto site when quarto exists; otherwise each notebook rendered to HTML by nbconvert.
+# The site of the kept demo run (results/demo), nothing re-executed: Quarto's when quarto exists (on the path, or
+# installed into .tools/quarto by ../shared/tools/quarto/install.sh), otherwise nbconvert's pages.
 docs: $(VENV)/.installed-dev
-	@if command -v quarto >/dev/null; then $(BIN)/nbdev-docs; else \
-	  echo "quarto not found: rendering notebooks to HTML with nbconvert into _docs/ instead"; \
-	  mkdir -p _docs; cd nbs && ../$(BIN)/jupyter nbconvert --log-level=ERROR --to html --execute --output-dir ../_docs *.ipynb; fi
+	@command -v quarto >/dev/null || echo "quarto not found: rendering each notebook with nbconvert into _docs/ instead"
+	$(BIN)/mura-study docs
 
 clean-venv:
 	rm -rf $(VENV)

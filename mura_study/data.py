@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_data.ipynb #56acc01a
 from __future__ import annotations
-import csv, hashlib, json, math, os, re, struct, tempfile, time, warnings
+import errno, fcntl, hashlib, json, math, os, re, shutil, struct, tempfile, time, warnings, zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict, replace
 from functools import partial
@@ -34,13 +34,13 @@ from .core import *
 from .synth import BODY_PARTS, make_mura
 
 # %% auto #0
-__all__ = ['SPLITS', 'VOCAB', 'COLUMNS', 'PAPER_IMAGES', 'PROTOCOLS', 'GREY_MEAN', 'GREY_STD', 'CACHE_VERSION', 'BOX_COLUMNS',
-           'MuraError', 'mura_folder', 'read_mura', 'summary', 'patient_split', 'leakage_report', 'LeakageError',
-           'check_leakage', 'paper_subset', 'with_copies', 'protocol', 'to_grey', 'pad_square', 'load_grey',
-           'channel_cost', 'GreyCache', 'grey_cache', 'Augment', 'shear_mat', 'RotateShear', 'RandomBlur', 'SaltPepper',
-           'augment_tfms', 'pil_augment', 'offline_copy', 'to_batch', 'GreyItem', 'label_name', 'GreyDL',
-           'mura_dataloaders', 'read_boxes', 'bench_loader', 'plot_counts', 'plot_image_sizes', 'augmentation_gallery',
-           'plot_batch']
+__all__ = ['SPLITS', 'VOCAB', 'COLUMNS', 'MURA_CSVS', 'PROBLEM_COLUMNS', 'CHECKS', 'PAPER_IMAGES', 'PROTOCOLS', 'GREY_MEAN',
+           'GREY_STD', 'CACHE_VERSION', 'CACHE_MARGIN', 'BOX_COLUMNS', 'MuraError', 'mura_folder', 'read_mura',
+           'problems', 'summary', 'patient_split', 'leakage_report', 'LeakageError', 'check_leakage', 'paper_subset',
+           'with_copies', 'protocol', 'to_grey', 'pad_square', 'load_grey', 'channel_cost', 'GreyCache', 'grey_cache',
+           'Augment', 'shear_mat', 'RotateShear', 'RandomBlur', 'SaltPepper', 'augment_tfms', 'pil_augment',
+           'offline_copy', 'to_batch', 'GreyItem', 'label_name', 'GreyDL', 'mura_dataloaders', 'read_boxes',
+           'bench_loader', 'plot_counts', 'plot_image_sizes', 'augmentation_gallery', 'plot_batch']
 
 # %% ../nbs/02_data.ipynb #07e3f23d
 SPLITS = ('train', 'valid')
@@ -53,47 +53,80 @@ class MuraError(ValueError):
     "A problem with a MURA-v1.1 folder; the message names the file, the line and the fix."
 
 # %% ../nbs/02_data.ipynb #77948233
+MURA_CSVS = tuple(f'{s}_{k}.csv' for s in SPLITS for k in ('image_paths', 'labeled_studies'))
+
 def mura_folder(root:Path|str, # the `MURA-v1.1` folder or the folder containing it
                ) -> Path:
-    "The `MURA-v1.1` folder holding the four CSV files."
+    "The `MURA-v1.1` folder: the one holding MURA's CSV files (the reader reports any that is missing)."
     root = Path(root).expanduser().absolute()
     for d in (root/'MURA-v1.1', root):
-        if (d/'train_image_paths.csv').exists(): return d
+        if any((d/n).exists() for n in MURA_CSVS): return d
     raise FileNotFoundError(f"No MURA-v1.1/train_image_paths.csv under {root}. Fix: pass the MURA-v1.1 folder "
                             "or the folder that contains it (unzip MURA-v1.1.zip there).")
 
-def _csv_rows(mura:Path, name:str) -> list:
-    "Non-blank rows of one of the four CSVs (no header), with their line numbers."
-    f = mura/name
-    if not f.exists(): raise FileNotFoundError(f"{f} is missing. Fix: MURA-v1.1 has four CSV files "
-        "(train/valid_image_paths.csv, train/valid_labeled_studies.csv); re-extract the archive.")
-    with open(f, newline='', encoding='utf-8-sig') as fh:
-        rd = csv.reader(fh)
-        return [(rd.line_num, row) for row in rd if any(c.strip() for c in row)]
-
 # %% ../nbs/02_data.ipynb #43f9a243
 _FIX = dict(
-    malformed="each line of *_image_paths.csv is one path like 'MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/image1.png', "
+    malformed="each line of *_image_paths.csv is one path like "
+              "'MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/image1.png', "
               "each line of *_labeled_studies.csv is '<study folder>/,<0 or 1>'; correct or delete the line",
-    escapes_root="CSV paths must be relative and stay inside MURA-v1.1/ (no '..', no absolute path); correct or delete the line",
-    unknown_body_part="MURA's body parts are " + ', '.join('XR_' + b for b in BODY_PARTS) + "; correct the folder name or delete the line",
+    header="MURA's CSV files have no header line; delete it",
+    encoding="MURA's CSV files are plain ASCII; restore the file from the MURA-v1.1 archive or save it as UTF-8",
+    missing_csv="MURA-v1.1 has four CSV files (train/valid_image_paths.csv, train/valid_labeled_studies.csv); "
+                "restore it from the MURA-v1.1 archive",
+    empty_csv="restore the file from the MURA-v1.1 archive (an interrupted copy leaves empty files)",
+    empty_split="restore the split's images and its *_image_paths.csv from the MURA-v1.1 archive",
+    no_images="list the study's images in the split's *_image_paths.csv (restore it from the archive), "
+              "or delete the study's line",
+    escapes_root="CSV paths must be relative and stay inside MURA-v1.1/ (no '..', no absolute path); "
+                 "correct or delete the line",
+    unknown_body_part="MURA's body parts are " + ', '.join('XR_' + b for b in BODY_PARTS)
+                      + "; correct the folder name or delete the line",
     duplicate="delete the repeated line",
     no_label="add the study's line '<study folder>/,<0 or 1>' to the split's *_labeled_studies.csv",
-    label_mismatch="make the label agree with the folder name (positive = 1, negative = 0); correct whichever is wrong",
-    missing="restore the file from the MURA-v1.1 archive or delete its line; read_mura(..., on_error='skip') leaves it out",
-    undecodable="re-extract the file from the MURA-v1.1 archive or delete its line; read_mura(..., on_error='skip') leaves it out",
+    label_mismatch="make the label agree with the folder name (positive = 1, negative = 0); "
+                   "correct whichever is wrong",
+    missing="restore the file from the MURA-v1.1 archive or delete its line; "
+            "read_mura(..., on_error='skip') leaves it out",
+    undecodable="re-extract the file from the MURA-v1.1 archive or delete its line; "
+                "read_mura(..., on_error='skip') leaves it out",
     appledouble="delete the macOS '._*' files (find MURA-v1.1 -name '._*' -delete) and their lines",
 )
+PROBLEM_COLUMNS = ['path', 'problem', 'kind', 'file', 'line']
 
 class _Problems:
-    "Raise the first problem (`on_error='raise'`) or collect them all (`'skip'`)."
+    "Raise the first problem (`on_error='raise'`) or collect them all (`'skip'`) as plain records."
     def __init__(self, on_error:str):
         if on_error not in ('raise', 'skip'): raise ValueError(f"on_error={on_error!r}: use 'raise' or 'skip'.")
         self.on_error, self.rows = on_error, []
-    def __call__(self, path, kind:str, where:str, what:str, fix:str|None=None):
+    def __call__(self, path, kind:str, at:tuple, what:str, fix:str|None=None):
+        "Report `what` about `path`, found at `at` = (CSV file name, line number or None for the whole file)."
+        where = at[0] if at[1] is None else f"{at[0]} line {at[1]}"
         if self.on_error == 'raise': raise MuraError(f"{where}: {what} [{path}]. Fix: {_FIX[fix or kind]}.")
-        self.rows.append(dict(path=str(path), problem=f"{where}: {what}", kind=kind))
-    def frame(self) -> pd.DataFrame: return pd.DataFrame(self.rows, columns=['path', 'problem', 'kind'])
+        self.rows.append(dict(path=str(path), problem=f"{where}: {what}", kind=kind, file=at[0], line=at[1]))
+
+# %% ../nbs/02_data.ipynb #7cc1d8d1
+def _decoded_lines(f:Path, name:str, raw:bytes, report:_Problems):
+    "(line number, text) of every line of `raw` that is UTF-8 without NUL bytes; the others are reported."
+    for i, b in enumerate(raw.removeprefix(b'\xef\xbb\xbf').splitlines(), 1):
+        try: s = b.decode('utf-8')
+        except UnicodeDecodeError as e:
+            report(f, 'encoding', (name, i), f"byte {b[e.start]:#04x} at column {e.start + 1} is not UTF-8"); continue
+        if '\x00' in s: report(f, 'malformed', (name, i), 'NUL bytes (a damaged file)')
+        else: yield i, s
+
+def _csv_lines(mura:Path, name:str, report:_Problems) -> list:
+    "(line number, text) of the non-blank lines of one of the four CSVs; unreadable lines and files are reported."
+    f = mura/name
+    try: raw = f.read_bytes()
+    except FileNotFoundError: report(f, 'missing_csv', (name, None), 'file not found'); return []
+    except OSError as e: report(f, 'missing_csv', (name, None), f'cannot be read ({e.strerror})'); return []
+    if not raw.strip(): report(f, 'empty_csv', (name, None), 'empty file' + ('' if raw else ' (0 bytes)')); return []
+    if raw[:2] in (b'\xff\xfe', b'\xfe\xff'): report(f, 'encoding', (name, 1), 'UTF-16 text, not UTF-8'); return []
+    out = [(i, s) for i, s in _decoded_lines(f, name, raw, report) if s.strip()]
+    if out and '/' not in out[0][1]:
+        report(f, 'malformed', (name, out[0][0]), f'{out[0][1].strip()!r} looks like a header line', 'header')
+        out = out[1:]
+    return out
 
 # %% ../nbs/02_data.ipynb #eb70f9ef
 def _parse_path(rel:str, rx:re.Pattern, split:str, mura:Path) -> tuple:
@@ -112,14 +145,15 @@ def _parse_path(rel:str, rx:re.Pattern, split:str, mura:Path) -> tuple:
 def _read_studies(mura:Path, split:str, report:_Problems) -> dict:
     "Study id -> (label or None, line, problem) from `{split}_labeled_studies.csv`."
     name, out = f'{split}_labeled_studies.csv', {}
-    for line, row in _csv_rows(mura, name):
+    for line, s in _csv_lines(mura, name, report):
+        row = [c.strip() for c in s.split(',')]
         d, bad = _parse_path(row[0], _STUDY_RE, split, mura)
-        if not bad and (len(row) != 2 or row[1].strip() not in ('0', '1')):
-            bad = ('malformed', f"expected '<study folder>/,<0 or 1>', got {','.join(row)!r}")
+        if not bad and (len(row) != 2 or row[1] not in ('0', '1')):
+            bad = ('malformed', f"expected '<study folder>/,<0 or 1>', got {s.strip()!r}")
         if not bad and d['id'] in out: bad = ('duplicate', f"study listed again (first at line {out[d['id']][1]})")
         if not bad and int(row[1]) != (d['outcome'] == 'positive'):
-            bad = ('label_mismatch', f"label {row[1].strip()} disagrees with the folder name {d['study']}_{d['outcome']}")
-        if bad: report(d['abs'] if d else row[0], *bad[:1], f"{name} line {line}", bad[1])
+            bad = ('label_mismatch', f"label {row[1]} disagrees with the folder name {d['study']}_{d['outcome']}")
+        if bad: report(d['abs'] if d else row[0], bad[0], (name, line), bad[1])
         if d and not (bad and bad[0] == 'duplicate'): out[d['id']] = (None if bad else int(row[1]), line, bad)
     return out
 
@@ -127,63 +161,109 @@ def _read_studies(mura:Path, split:str, report:_Problems) -> dict:
 def _read_images(mura:Path, split:str, studies:dict, seen:dict, report:_Problems) -> list:
     "Rows of `{split}_image_paths.csv` that pass the CSV checks; their files are checked afterwards."
     name, rows = f'{split}_image_paths.csv', []
-    for line, row in _csv_rows(mura, name):
-        where = f"{name} line {line}"
-        d, bad = _parse_path(row[0], _IMAGE_RE, split, mura) if len(row) == 1 else (None, ('malformed', f"expected one path, got {len(row)} fields"))
-        if not bad and str(d['abs']) in seen: bad = ('duplicate', f"image listed again (first at {seen[str(d['abs'])]})")
+    for line, s in _csv_lines(mura, name, report):
+        row, at = s.split(','), (name, line)
+        d, bad = (None, ('malformed', f"expected one path, got {len(row)} fields")) if len(row) > 1 else \
+                 _parse_path(s, _IMAGE_RE, split, mura)
+        if not bad and str(d['abs']) in seen:
+            bad = ('duplicate', f"image listed again (first at {seen[str(d['abs'])]})")
         st = studies.get(d['id'].rsplit('/', 1)[0]) if d else None
         if not bad and st is None: bad = ('no_label', f"its study is not in {split}_labeled_studies.csv")
-        if not bad and st[0] is None: bad = (st[2][0], f"its study is unusable ({split}_labeled_studies.csv line {st[1]}: {st[2][1]})")
-        if bad: report(d['abs'] if d else ','.join(row), bad[0], where, bad[1]); continue
-        seen[str(d['abs'])] = where
+        if not bad and st[0] is None:
+            bad = (st[2][0], f"its study is unusable ({split}_labeled_studies.csv line {st[1]}: {st[2][1]})")
+        if bad: report(d['abs'] if d else s.strip(), bad[0], at, bad[1]); continue
+        seen[str(d['abs'])] = f"{name} line {line}"
         rows.append(dict(path=str(d['abs']), split=split, body_part=d['body_part'], patient=d['patient'],
-                         study=d['id'].rsplit('/', 1)[0], view=d['view'], label=st[0], where=where))
+                         study=d['id'].rsplit('/', 1)[0], view=d['view'], label=st[0], at=at))
+    return rows
+
+# %% ../nbs/02_data.ipynb #84481230
+def _read_split(mura:Path, split:str, seen:dict, report:_Problems) -> list:
+    "The image rows of one split that pass the CSV checks; labelled studies without a listed image are reported."
+    studies = _read_studies(mura, split, report)
+    rows = _read_images(mura, split, studies, seen, report)
+    listed = {r['study'] for r in rows}
+    for sid, (label, line, _) in studies.items():  # no rows at all: the split is reported as a whole instead
+        if rows and label is not None and sid not in listed:
+            report(mura/sid, 'no_images', (f'{split}_labeled_studies.csv', line),
+                   f"no image of the study is listed in {split}_image_paths.csv")
     return rows
 
 # %% ../nbs/02_data.ipynb #e867144a
+_PNG, _ADAM7 = b'\x89PNG\r\n\x1a\n', ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
+                                       (1, 0, 2, 2), (0, 1, 1, 2))
+
+def _png_data_problem(b:bytes) -> str|None:
+    "Why a PNG's decompressed pixel data does not match the size its IHDR declares; None if it does (or not a PNG)."
+    if b[:8] != _PNG or b[12:16] != b'IHDR': return None
+    w, h, depth, colour, _, _, interlace = struct.unpack('>IIBBBBB', b[16:29])
+    px_bits = depth * {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 1)
+    passes = [(-((x - w) // dx), -((y - h) // dy)) for x, y, dx, dy in _ADAM7] if interlace else [(w, h)]
+    want = sum(ph * (1 + (pw * px_bits + 7) // 8) for pw, ph in passes if pw > 0 and ph > 0)
+    i, z, got, mv = 8, zlib.decompressobj(), 0, memoryview(b)
+    while i + 8 <= len(b) and not z.eof and got <= want:
+        n, cid = struct.unpack('>I4s', b[i:i + 8])
+        if cid == b'IDAT': got += len(z.decompress(mv[i + 8:i + 8 + n], want + 1 - got))
+        i += 12 + n
+    if got != want or not z.eof: return f"its pixel data holds {got:,} bytes, its header ({w}x{h}) says {want:,}"
+
 def _probe(path:str, check:str='verify') -> tuple:
     "(width, height, None) for a readable image, else (0, 0, (kind, what, fix))."
     p = Path(path)
-    if p.name.startswith('._'): return 0, 0, ('undecodable', 'a macOS AppleDouble resource fork, not an image', 'appledouble')
+    if p.name.startswith('._'):
+        return 0, 0, ('undecodable', 'a macOS AppleDouble resource fork, not an image', 'appledouble')
     try:
         if p.stat().st_size == 0: return 0, 0, ('undecodable', 'empty file (0 bytes)', None)
         if check == 'exists': return 0, 0, None
-        with Image.open(p) as im:
-            w, h = im.size
-            im.load() if check == 'load' else im.verify()
+        with Image.open(p) as im: w, h = im.size; im.verify()
+        if check == 'decode':  # verify's checks too: a file that passes this check passes every cheaper one
+            with Image.open(p) as im: im.load()
+            if why := _png_data_problem(p.read_bytes()): return 0, 0, ('undecodable', why, None)
         return w, h, None
     except FileNotFoundError: return 0, 0, ('missing', 'file not found', None)
-    except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError, struct.error, zlib.error, Image.DecompressionBombError) as e:
         return 0, 0, ('undecodable', f'not a decodable image ({type(e).__name__}: {e})', None)
 
 # %% ../nbs/02_data.ipynb #2f5f716d
-def _check_files(rows:list, report:_Problems, check:str, workers:int, progress:bool) -> list:
+def _check_files(rows:list, report:_Problems, check:str, workers:int|None, progress:bool) -> list:
     "The rows whose image exists and decodes, with width and height; the others are reported."
     kept = []
-    with ThreadPoolExecutor(max(1, workers)) as ex:
+    with ThreadPoolExecutor(workers or None) as ex:
         res = ex.map(partial(_probe, check=check), [r['path'] for r in rows])
         if progress and rows: res = progress_bar(res, total=len(rows), leave=False)
         for r, (w, h, bad) in zip(rows, res):
             if bad is None: kept.append(dict(r, width=w, height=h)); continue
-            try: report(r['path'], bad[0], r['where'], bad[1], bad[2])
+            try: report(r['path'], bad[0], r['at'], bad[1], bad[2])
             except MuraError: ex.shutdown(wait=False, cancel_futures=True); raise
     return kept
 
 # %% ../nbs/02_data.ipynb #8a871ee8
+CHECKS = ('decode', 'verify', 'exists')
+
 def read_mura(root:Path|str, # the `MURA-v1.1` folder or the folder containing it
-              on_error:str='raise', # 'raise': stop at the first problem; 'skip': leave bad rows out, listed in `attrs['problems']`
-              check_images:str='verify', # 'verify' (cheap, PNG checksums), 'load' (full decode) or 'exists'
-              workers:int=4, # threads checking images
+              on_error:str='raise', # 'raise': stop at the first problem; 'skip': leave bad rows out, listed
+              check_images:str|None=None, # 'decode', 'verify' or 'exists'; None: 'decode' if skipping, else 'verify'
+              workers:int|None=None, # threads checking images; None: Python's default (CPUs + 4, at most 32)
               progress:bool=True, # show a progress bar while checking images
              ) -> pd.DataFrame:
-    "One validated row per MURA image, read from the four CSV files."
+    "One validated row per MURA image, read from the four CSV files; `problems(df)` lists what was left out."
+    check = check_images or ('decode' if on_error == 'skip' else 'verify')
+    if check not in CHECKS: raise ValueError(f"check_images={check_images!r}: use one of {', '.join(CHECKS)}.")
     mura, report, seen, rows = mura_folder(root), _Problems(on_error), {}, []
-    for split in SPLITS: rows += _read_images(mura, split, _read_studies(mura, split, report), seen, report)
-    rows = _check_files(rows, report, check_images, workers, progress)
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    df['label'] = df.label.astype(int)
-    df.attrs['problems'] = report.frame()
+    for split in SPLITS: rows += _read_split(mura, split, seen, report)
+    rows = _check_files(rows, report, check, workers, progress)
+    for split in [s for s in SPLITS if s not in {r['split'] for r in rows}]:
+        report(mura/f'{split}_image_paths.csv', 'empty_split', (f'{split}_image_paths.csv', None),
+               f"the {split} split has no usable image")
+    df = pd.DataFrame(rows, columns=COLUMNS).astype(dict(label=int, width=int, height=int))
+    df.attrs['problems'] = report.rows
     return df
+
+# %% ../nbs/02_data.ipynb #15bdd44f
+def problems(df:pd.DataFrame, # a frame from `read_mura` (or derived from one)
+            ) -> pd.DataFrame:
+    "The problems `read_mura` found, one row each: path, problem (file, line, what), kind, file, line."
+    return pd.DataFrame(df.attrs.get('problems', []), columns=PROBLEM_COLUMNS).astype(dict(line='Int64'))
 
 # %% ../nbs/02_data.ipynb #54509ead
 def summary(df:pd.DataFrame, # images, as from `read_mura` or `protocol`
@@ -203,7 +283,7 @@ def summary(df:pd.DataFrame, # images, as from `read_mura` or `protocol`
 def _stratum(df:pd.DataFrame) -> pd.Series: return df.body_part + '/' + df.label.astype(str)
 
 def _plain(df:pd.DataFrame) -> pd.DataFrame:
-    "A copy of `df` without `attrs` (see the note on `attrs['problems']`)."
+    "A copy of `df` without `attrs`: the problems belong to the reading, not to a split of it."
     out = df.copy(); out.attrs = {}
     return out
 
@@ -327,16 +407,17 @@ def protocol(df:pd.DataFrame, # images from `read_mura`
 # %% ../nbs/02_data.ipynb #3f3a37b6
 GREY_MEAN, GREY_STD = 0.449, 0.226  # ImageNet's RGB means averaged: what timm's in_chans=1 weights expect
 
-def to_grey(im:Image.Image) -> Image.Image:
-    "Any PIL mode as 8-bit grey ('L'): alpha composited on black, deeper grey scaled from its bit depth."
+def to_grey(im:Image.Image, # an image of any PIL mode
+            bits:int=16, # declared bit depth of deep grey (16-bit PNG, 32-bit or float): its full scale is 2**bits - 1
+           ) -> Image.Image:
+    "Any PIL mode as 8-bit grey ('L'): alpha composited on black, deep grey scaled by its declared bit depth."
     if im.mode == 'P': im = im.convert('RGBA' if 'transparency' in im.info else 'RGB')
     if im.mode in ('LA', 'La', 'PA', 'RGBA', 'RGBa'):
         im = Image.alpha_composite(Image.new('RGBA', im.size, (0, 0, 0, 255)), im.convert('RGBA'))
     if im.mode.startswith('I') or im.mode == 'F':
-        a = np.asarray(im, dtype=np.float64)
-        a = a - min(a.min(), 0)
-        if a.max() > 255: a = a * 255 / (2 ** next(b for b in (10, 12, 14, 16, 32) if a.max() < 2 ** b) - 1)
-        return Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), 'L')
+        top = 2 ** bits - 1
+        a = np.clip(np.asarray(im, dtype=np.float64), 0, top) * (255 / top)
+        return Image.fromarray(a.round().astype(np.uint8), 'L')
     return im.convert('L')
 
 # %% ../nbs/02_data.ipynb #08eff9eb
@@ -351,12 +432,26 @@ def pad_square(im:Image.Image, # a grey image
     out.paste(im.resize((nw, nh), Image.Resampling.BILINEAR), ((size - nw) // 2, (size - nh) // 2))
     return out
 
+def _declared_bits(im:Image.Image) -> int:
+    "A grey PNG's significant bits from its `sBIT` chunk (PIL does not read it), else 16."
+    if im.format != 'PNG' or not getattr(im, 'filename', None): return 16
+    with open(im.filename, 'rb') as f:
+        f.seek(8)
+        while len(head := f.read(8)) == 8:
+            n, cid = struct.unpack('>I4s', head)
+            if cid == b'sBIT': return min(16, max(1, f.read(1)[0])) if n else 16
+            if cid in (b'IDAT', b'IEND'): return 16
+            f.seek(n + 4, 1)
+    return 16
+
 def load_grey(path:Path|str, # an image file
               size:int=224, # side of the square model input
              ) -> Image.Image:
     "The study's one preprocessing: EXIF orientation, 8-bit grey, longest side to `size`, black padding to a square."
     try:
-        with Image.open(path) as im: return pad_square(to_grey(ImageOps.exif_transpose(im)), size)
+        with Image.open(path) as im:
+            bits = _declared_bits(im) if im.mode.startswith('I') else 16
+            return pad_square(to_grey(ImageOps.exif_transpose(im), bits), size)
     except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as e:
         raise OSError(f"Cannot read image {path}: {type(e).__name__}: {e}. Fix: restore the file, or read the "
                       "dataset with read_mura(..., on_error='skip') to leave unreadable images out.") from e
@@ -387,6 +482,7 @@ def _channel_cost(arch, size, bs, reps) -> pd.DataFrame:
 
 # %% ../nbs/02_data.ipynb #b4f33a57
 CACHE_VERSION = 1  # bump when load_grey changes: every cache is then rebuilt
+CACHE_MARGIN = 16 * 2**20  # bytes a cache build leaves free beside it, for the run's tables, models and logs
 
 def _signature(paths:list, size:int) -> str:
     "Hash of the preprocessing version, the size and every file's path, modification time and byte size."
@@ -411,17 +507,81 @@ class GreyCache:
     def __getstate__(self): return dict(self.__dict__, _arr=None)  # worker processes reopen the memory map
 
 # %% ../nbs/02_data.ipynb #606b4629
-def _build_cache(paths:list, size:int, file:Path, workers:int, progress:bool):
-    "Write `load_grey(p, size)` of every path into `file` (via a temporary file)."
-    tmp = file.with_name(f"{file.stem}.{os.getpid()}.partial.npy")
-    arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(len(paths), size, size))
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        res = ex.map(lambda p: np.asarray(load_grey(p, size)), paths)
-        if progress: res = progress_bar(res, total=len(paths), leave=False)
-        for i, a in enumerate(res): arr[i] = a
-    arr.flush(); del arr
-    os.replace(tmp, file)
+def _sweep_partials(f:Path):
+    "Delete the partial builds of cache file `f` whose builder is gone (a build's lock dies with its process)."
+    for p in f.parent.glob(f"{f.stem}.*.partial.npy"):
+        try: fd = os.open(p, os.O_RDWR)
+        except OSError: continue
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); p.unlink(missing_ok=True)
+        except OSError: pass  # locked: a build still running, here or on another worker
+        finally: os.close(fd)
 
+def _open_partial(f:Path) -> tuple:
+    "A new partial file beside `f`, open for writing and locked until it is closed; and its path."
+    fd, new = tempfile.mkstemp(dir=f.parent, prefix=f'.{f.stem}.', suffix='.new')
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # named a partial only once locked: no sweep takes it for dead
+    except OSError: pass  # a file system without locks: no sweep can lock it either, so none deletes it
+    part = f.with_name(f"{f.stem}.{Path(new).name.split('.')[-2]}.partial.npy")
+    os.rename(new, part)
+    return os.fdopen(fd, 'wb'), part
+
+# %% ../nbs/02_data.ipynb #bff5726a
+def _no_room(d:Path, need:int, n:int, size:int) -> OSError:
+    free = shutil.disk_usage(d).free
+    return OSError(errno.ENOSPC, f"No room for the grey cache in {d}: it needs {need / 2**20:,.1f} MiB ({n:,} images "
+                   f"of {size}x{size} bytes, plus {CACHE_MARGIN // 2**20} MiB to spare) and the disk has "
+                   f"{free / 2**20:,.1f} MiB free. Fix: free space there, or pass a cache_dir on a disk with room.")
+
+def _undecodable(p:str, e:OSError) -> OSError:
+    why = e.__cause__ or e
+    return OSError(f"The grey cache was not built: image {p} does not decode ({type(why).__name__}: {why}). "
+                   "Fix: run `mura-study check-data <the MURA folder>`, which decodes every image and lists those "
+                   "that fail; restore them, or read the data with read_mura(..., on_error='skip'), which leaves "
+                   "them out.")
+
+def _square(p:str, size:int) -> np.ndarray|OSError:
+    "`load_grey(p, size)` as an array, or the error that stopped it."
+    try: return np.asarray(load_grey(p, size))
+    except OSError as e: return e
+
+def _write_squares(fh, paths:list, size:int, workers:int, progress:bool):
+    "Append the square of every path to `fh`, in order; an image that does not decode stops it, by name."
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        res = ex.map(partial(_square, size=size), paths)
+        if progress: res = progress_bar(res, total=len(paths), leave=False)
+        try:
+            for p, a in zip(paths, res):
+                if isinstance(a, OSError): raise _undecodable(p, a) from a
+                fh.write(a.tobytes())
+        except BaseException: ex.shutdown(wait=False, cancel_futures=True); raise  # stop now, not after every image
+
+# %% ../nbs/02_data.ipynb #ed31e02e
+def _reserve(fh, n:int):
+    "Allocate the first `n` bytes of `fh` on disk now, so that a full disk is an error here, not later."
+    if hasattr(os, 'posix_fallocate'):
+        try: os.posix_fallocate(fh.fileno(), 0, n)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP): raise  # a file system without it: plain writes then
+
+def _build_cache(paths:list, size:int, file:Path, workers:int, progress:bool):
+    "Write `load_grey(p, size)` of every path into `file` via a reserved partial file, removed on any failure."
+    nbytes, d = len(paths) * size * size, file.parent
+    if shutil.disk_usage(d).free < nbytes + CACHE_MARGIN: raise _no_room(d, nbytes + CACHE_MARGIN, len(paths), size)
+    fh, part = _open_partial(file)
+    try:
+        np.lib.format.write_array_header_1_0(fh, dict(descr='|u1', fortran_order=False, shape=(len(paths), size, size)))
+        _reserve(fh, fh.tell() + nbytes)
+        _write_squares(fh, paths, size, workers, progress)
+        fh.flush(); os.fsync(fh.fileno())
+        os.replace(part, file)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
+        fh.close(); part.unlink(missing_ok=True)  # first, so that the message counts the space it held as free
+        raise _no_room(d, nbytes + CACHE_MARGIN, len(paths), size) from e
+    finally:
+        fh.close(); part.unlink(missing_ok=True)
+
+# %% ../nbs/02_data.ipynb #a0bfdca6
 def grey_cache(paths, # image files (duplicates are fine)
                size:int, # side of the square images
                cache_dir:Path|str, # folder of the cache files
@@ -433,7 +593,9 @@ def grey_cache(paths, # image files (duplicates are fine)
     d = Path(cache_dir); d.mkdir(parents=True, exist_ok=True)
     f = d/f"grey{size}_{hashlib.sha1(chr(10).join(paths).encode()).hexdigest()[:16]}.npy"
     meta, sig = f.with_suffix('.json'), _signature(paths, size)
-    old = json.loads(meta.read_text()).get('signature') if meta.exists() else None
+    _sweep_partials(f)
+    try: old = json.loads(meta.read_text()).get('signature')
+    except (OSError, ValueError): old = None  # none yet, or cut short by a kill: rebuild
     if old == sig and f.exists(): return GreyCache(f, paths, 'reused')
     meta.unlink(missing_ok=True)
     _build_cache(paths, size, f, workers, progress)
@@ -692,7 +854,7 @@ def _bench_loader(root, n_images, size, bs, seed, device, reps) -> pd.DataFrame:
 
 # %% ../nbs/02_data.ipynb #6fa21739
 def _savefig(fig, out:Path|None, name:str):
-    if out is not None: fig.savefig(Path(out)/'figures'/f'{name}.png', dpi=120, bbox_inches='tight')
+    if out is not None: save_figure(fig, out, name)
     plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
 
@@ -703,6 +865,7 @@ def plot_counts(df:pd.DataFrame, by:str='set', out:Path|None=None) -> plt.Figure
     g = sns.catplot(d, x='body_part', hue='outcome', col=by, col_order=order, kind='count', order=list(BODY_PARTS),
                     hue_order=VOCAB, height=3, aspect=1.3, sharey=False)
     g.set_xticklabels(rotation=45); g.set_axis_labels('', 'images')
+    g.figure.suptitle(f'Images per body part and label, by {by}', y=1.04)
     return _savefig(g.figure, out, 'data_counts')
 
 def plot_image_sizes(df:pd.DataFrame, out:Path|None=None) -> plt.Figure:
@@ -732,4 +895,5 @@ def plot_batch(dls:DataLoaders, n:int=16, out:Path|None=None) -> plt.Figure:
     fig, axs = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
     for ax in axs.flat: ax.axis('off')
     for ax, im, lab in zip(axs.flat, x, y): ax.imshow(im[0], cmap='gray', vmin=0, vmax=1); ax.set_title(VOCAB[int(lab)], fontsize=8)
+    fig.suptitle('A training batch as the model sees it: augmented, denormalised, with its labels', fontsize=9)
     return _savefig(fig, out, 'batch')

@@ -481,7 +481,7 @@ def pick_cases(preds:pd.DataFrame, # one row per image: path, label, prob (of ab
                seed:int=0, # which images, when there are more than needed
               ) -> pd.DataFrame:
     "Rows for the figure: `n` true positives, false positives, false negatives and true negatives, across body parts."
-    preds = preds.copy(); preds.attrs = {}  # read_mura's attrs hold a DataFrame, which pd.concat cannot compare
+    preds = preds.copy(); preds.attrs = {}  # a derived frame's attrs (problems, protocol) say nothing of predictions
     pred = (preds.prob >= threshold).astype(int)
     kind = np.select([(pred == 1) & (preds.label == 1), pred > preds.label, pred < preds.label], CASES[:3], 'TN')
     rows, used = [], set()
@@ -509,8 +509,13 @@ def draw_overlays(maps:dict, # `explain` output: 'image' and one entry per metho
             axs[r, c].imshow(maps['image'][r], cmap='gray', vmin=0, vmax=255); axs[r, c].imshow(maps[m][r], cmap='jet', alpha=.45, vmin=0, vmax=1)
     for c, t in enumerate(['image', *[TITLES[m] for m in methods]]): axs[0, c].set_title(t, fontsize=9)
     for a in axs.flat: a.set_xticks([]); a.set_yticks([])
-    fig.suptitle(title, fontsize=10); fig.tight_layout()
-    if out: fig.savefig(out, dpi=120, bbox_inches='tight')
+    fig.suptitle(title, fontsize=10); fig.tight_layout(rect=(0, .9/fig.get_figheight(), 1, 1))
+    left, right = axs[-1, 1].get_position().x0, axs[-1, -1].get_position().x1  # under the map columns
+    cax = fig.add_axes((left, .35/fig.get_figheight(), right - left, .12/fig.get_figheight()))
+    fig.colorbar(plt.cm.ScalarMappable(cmap='jet'), cax=cax, orientation='horizontal')
+    cax.set_xlabel('attribution, each map scaled to [0, 1]: blue low, red high', fontsize=8); cax.tick_params(labelsize=7)
+    if out:
+        with atomic_write(out) as t: fig.savefig(t, format='png', dpi=FIGURE_DPI, bbox_inches='tight')
     plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
 

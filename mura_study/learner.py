@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_learner.ipynb #7929f215
 from __future__ import annotations
-import hashlib, json, math, os, random, shutil, tempfile, time, warnings, weakref
+import hashlib, json, math, numbers, os, random, shutil, tempfile, time, warnings, weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from copy import deepcopy
@@ -24,6 +24,7 @@ from timm.models import get_pretrained_cfg
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.constants import HF_HUB_CACHE
 import safetensors.torch as st
+from safetensors import SafetensorError, safe_open
 from sklearn.metrics import confusion_matrix, roc_curve
 from fastai.learner import Learner, Metric
 from fastai.callback.core import Callback
@@ -41,13 +42,15 @@ from .data import GREY_MEAN, GREY_STD, GreyItem, mura_dataloaders, protocol, rea
 from .synth import make_mura
 
 # %% auto #0
-__all__ = ['ARCHS', 'METRICS', 'PICKLE_SUFFIXES', 'Arch', 'get_arch', 'pretrained_file', 'MuraModel', 'paper_head', 'mura_model',
-           'gradcam_layer', 'weighted_auroc', 'binary_metrics', 'study_frame', 'bootstrap_weights', 'metric_table',
-           'mura_split', 'StudyKappa', 'mura_learner', 'save_model', 'load_model', 'save_checkpoint', 'load_checkpoint',
-           'Checkpoints', 'fingerprint', 'train_folder', 'train', 'evaluating', 'fold_batchnorms', 'inference_model',
-           'predict', 'evaluate', 'summary_row', 'plot_confusion', 'plot_roc', 'efficiency_table', 'bench_predict',
-           'bench_loop', 'bench', 'fit_evaluate', 'exposure_epochs', 'comparison_table', 'long_table',
-           'plot_metric_bars', 'kappa_by_body_part', 'plot_kappa_heatmap', 'plot_efficiency']
+__all__ = ['ARCHS', 'METRICS', 'MIN_INPUT', 'PICKLE_SUFFIXES', 'MODEL_FORMAT', 'PAIR_KEY', 'CONFIG_KEYS', 'TIMM_OPTIONS', 'Arch',
+           'get_arch', 'pretrained_file', 'MuraModel', 'paper_head', 'mura_model', 'gradcam_layer', 'weighted_auroc',
+           'binary_metrics', 'study_frame', 'bootstrap_weights', 'metric_table', 'mura_split', 'StudyKappa',
+           'check_training', 'mura_learner', 'nonfinite_weights', 'save_model', 'model_config', 'load_model',
+           'save_checkpoint', 'load_checkpoint', 'Checkpoints', 'FiniteLoss', 'fingerprint', 'train_folder', 'train',
+           'evaluating', 'fold_batchnorms', 'inference_model', 'predict', 'evaluate', 'summary_row', 'plot_confusion',
+           'plot_roc', 'efficiency_table', 'bench_predict', 'bench_loop', 'bench', 'fit_evaluate', 'exposure_epochs',
+           'comparison_table', 'long_table', 'plot_metric_bars', 'kappa_by_body_part', 'plot_kappa_heatmap',
+           'plot_efficiency']
 
 # %% ../nbs/03_learner.ipynb #cbec36f4
 @dataclass(frozen=True)
@@ -251,6 +254,26 @@ def _dls_size(dls) -> int:
     x = dls.train_ds[0][0]
     return int(x.shape[-1]) if hasattr(x, 'shape') else int(max(x.size))
 
+# %% ../nbs/03_learner.ipynb #91d580dd
+MIN_INPUT = 32  # smallest input side every architecture takes: each downsamples 32-fold
+
+def _whole(v) -> bool: return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+def _real(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+def check_training(epochs:int|None=None, # epochs of the schedule: a whole number >= 1
+                   lr:float|None=None, # peak learning rate: finite and > 0
+                   bs:int|None=None, # batch size: a whole number >= 1
+                   size:int|None=None, # input side in pixels: a whole number >= `MIN_INPUT`
+                  ):
+    "Raise a ValueError naming the first of these training settings that makes no sense; None is not checked."
+    for ok, why in [(epochs is None or _whole(epochs) and epochs >= 1, f"epochs={epochs!r}: need a whole number >= 1"),
+                    (lr is None or _real(lr) and lr > 0,
+                     f"lr={lr!r}: need a finite learning rate > 0, such as {DEFAULT_LR}"),
+                    (bs is None or _whole(bs) and bs >= 1, f"bs={bs!r}: need a whole number >= 1"),
+                    (size is None or _whole(size) and size >= MIN_INPUT,
+                     f"size={size!r}: need a whole number >= {MIN_INPUT}")]:
+        if not ok: raise ValueError(why + '.')
+
 # %% ../nbs/03_learner.ipynb #e436a288
 def mura_learner(dls, # DataLoaders from `data.mura_dataloaders` (vocab ['normal', 'abnormal'])
                  arch:str|Arch='mobilenetv2', # architecture key or entry
@@ -264,6 +287,10 @@ def mura_learner(dls, # DataLoaders from `data.mura_dataloaders` (vocab ['normal
                 ) -> Learner:
     "A fastai `Learner` for `arch` on `dls`: one grey input channel, head dropout, L2 or decoupled weight decay."
     if l2 and wd: raise ValueError(f"Pass either l2={l2} (L2 penalty in the loss) or wd={wd} (decoupled weight decay), not both.")
+    if not (_real(dropout) and 0 <= dropout < 1): raise ValueError(f"dropout={dropout!r}: need a number in [0, 1).")
+    for k, v in dict(l2=l2, wd=wd or 0.0).items():
+        if not (_real(v) and v >= 0): raise ValueError(f"{k}={v!r}: need a finite number >= 0.")
+    check_training(size=size)
     size = size or _dls_size(dls)
     model = mura_model(arch, size, pretrained, weights, dropout)
     model.config.update(l2=l2, wd=wd)
@@ -271,27 +298,96 @@ def mura_learner(dls, # DataLoaders from `data.mura_dataloaders` (vocab ['normal
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(Adam, wd=decay, decouple_wd=not l2),
                    splitter=mura_split, wd=decay, metrics=[accuracy, StudyKappa()], **kwargs)
 
+# %% ../nbs/03_learner.ipynb #eefa7678
+def nonfinite_weights(model:nn.Module|Learner, # a model, or a learner holding one
+                     ) -> list[str]:
+    "Names of the floating-point tensors of `model`'s state (weights and buffers) that hold a NaN or an infinity."
+    sd = {k: v for k, v in getattr(model, 'model', model).state_dict().items() if v.is_floating_point()}
+    if not sd: return []
+    finite = torch.stack([torch.isfinite(v).all() for v in sd.values()]).tolist()  # one device sync, not one per tensor
+    return [k for k, ok in zip(sd, finite) if not ok]
+
 # %% ../nbs/03_learner.ipynb #bcf73c49
 PICKLE_SUFFIXES = ('.pkl', '.pickle', '.pth', '.pt', '.bin', '.ckpt', '.joblib', '.npy')
+MODEL_FORMAT, PAIR_KEY = 'mura_study.model/1', 'mura_study.config_sha256'
 
 def save_model(learn_or_model:Learner|MuraModel, # a trained learner or model
                dest:str|Path, # folder to write (created)
                metrics:dict|None=None, # numbers worth keeping beside the weights
               ) -> Path:
-    "Write `dest/model.safetensors` and `dest/config.json`; return `dest`."
+    "Write `dest/model.safetensors` and `dest/config.json`, each renamed into place whole; return `dest`."
     model, dest = getattr(learn_or_model, 'model', learn_or_model), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    st.save_model(model, str(dest/'model.safetensors'), force_contiguous=True)  # channels-last weights are stored in the usual layout
-    config = dict(model.config, format='mura_study.model/1', size=model.size, vocab=['normal', 'abnormal'],
+    if bad := nonfinite_weights(model): raise ValueError(
+        f"Refusing to save to {dest} a model whose weights are not finite ({', '.join(bad[:3])}): its training "
+        "diverged. Train again with a smaller learning rate.")
+    config = dict(model.config, format=MODEL_FORMAT, size=model.size, vocab=['normal', 'abnormal'],
                   input=dict(channels=1, mean=GREY_MEAN, std=GREY_STD, preprocessing='mura_study.data.load_grey, to_batch'))
     if metrics is not None: config['metrics'] = metrics
-    (dest/'config.json').write_text(json.dumps(config, indent=1, default=float))
+    text = json.dumps(config, indent=1, default=float)
+    pair = {PAIR_KEY: hashlib.sha256(text.encode()).hexdigest()}  # ties the weights to this very config
+    dest.mkdir(parents=True, exist_ok=True)
+    with atomic_write(dest/'model.safetensors') as w, atomic_write(dest/'config.json') as c:
+        st.save_model(model, str(w), metadata=pair, force_contiguous=True)  # channels-last stored in the usual layout
+        c.write_text(text)
     return dest
 
+# %% ../nbs/03_learner.ipynb #a5db008d
+CONFIG_KEYS = ('arch', 'timm_id', 'paper_name', 'size', 'pretrained', 'dropout', 'head', 'timm_kwargs', 'l2', 'wd',
+               'format', 'vocab', 'input', 'metrics', 'epochs', 'lr', 'best_epoch', 'valid_kappa')
+TIMM_OPTIONS = ('drop_rate', 'drop_path_rate', 'bn_eps', 'bn_momentum')  # numbers only: no option that names a file
+
+def _config_problems(c:dict) -> list[str]:
+    "What in the config `c` `load_model` does not understand, one phrase each."
+    a, s, d, tk, v = c.get('arch'), c.get('size'), c.get('dropout', 0.5), c.get('timm_kwargs') or {}, c.get('vocab')
+    arch, vocab = ARCHS.get(a) if isinstance(a, str) else None, ['normal', 'abnormal']
+    extra, opts = sorted(set(c) - set(CONFIG_KEYS)), sorted(set(tk) - set(TIMM_OPTIONS)) if isinstance(tk, dict) else tk
+    return [why for ok, why in [
+        (not extra, f"unknown keys {extra} (known: {', '.join(CONFIG_KEYS)})"),
+        (arch, f"arch {a!r} is not one of {', '.join(ARCHS)}"),
+        (not arch or c.get('timm_id', arch.timm_id) == arch.timm_id, f"timm_id {c.get('timm_id')!r} is not {a}'s"),
+        (_whole(s) and s >= MIN_INPUT, f"size {s!r} is not a whole number of pixels >= {MIN_INPUT}"),
+        (_real(d) and 0 <= d < 1, f"dropout {d!r} is not a number from 0 to below 1"),
+        (c.get('head', 'paper') == 'paper', f"head {c.get('head')!r} is not 'paper'"),
+        (c.get('format', MODEL_FORMAT) == MODEL_FORMAT, f"format {c.get('format')!r} is not {MODEL_FORMAT!r}"),
+        (v is None or v == vocab, f"vocab {v!r} is not {vocab}"),
+        (not opts, f"timm_kwargs {opts!r}: only plain model options ({', '.join(TIMM_OPTIONS)}) are read, never files"),
+        (isinstance(tk, dict) and all(map(_real, tk.values())), f"timm_kwargs values {tk!r} are not all numbers"),
+    ] if not ok]
+
+def model_config(path:str|Path, # a model's `config.json`
+                ) -> dict:
+    "The config `save_model` wrote, refused with every problem named unless `load_model` understands all of it."
+    p, fix = Path(path), "fix the file, or write the model again with learner.save_model"
+    try: c = json.loads(p.read_text())
+    except ValueError as e: raise ValueError(f"{p}: not JSON ({e}); {fix}.") from None
+    problems = _config_problems(c) if isinstance(c, dict) else ['not a JSON object']
+    if problems: raise ValueError(f"{p}: {'; '.join(problems)}; {fix}.")
+    return c
+
 # %% ../nbs/03_learner.ipynb #4652ba36
+def _read_weights(path:Path, expected:dict, digest:str) -> dict:
+    "The tensors of `path` if whole, finite, shaped and typed as `expected`, and saved with the config of `digest`."
+    fix = "write the model again with learner.save_model"
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a whole safetensors file ({e}); {fix}.") from None
+    if meta.get(PAIR_KEY, digest) != digest: raise ValueError(
+        f"{path} and the config.json beside it come from two different saves (an interrupted save, or an edited "
+        f"config); {fix}.")
+    like = lambda v, e: v.dtype == e.dtype and v.shape == e.shape
+    wrong = [f"{k} missing" for k in expected if k not in t] + [f"{k} unexpected" for k in t if k not in expected]
+    wrong += [f"{k} is {v.dtype} {list(v.shape)}, not {expected[k].dtype} {list(expected[k].shape)}"
+              for k, v in t.items() if k in expected and not like(v, expected[k])]
+    wrong += [f"{k} holds NaN or infinity" for k, v in t.items() if v.is_floating_point() and not v.isfinite().all()]
+    if wrong: raise ValueError(f"{path}: tensors that do not fit the model of its config.json: {'; '.join(wrong[:4])}; "
+                               f"{fix}.")
+    return t
+
 def load_model(src:str|Path, # a folder written by `save_model` (or its `model.safetensors`)
               ) -> MuraModel:
-    "Rebuild a model written by `save_model`, in eval mode, without unpickling anything."
+    "Rebuild a model written by `save_model`, in eval mode, from what it understands only, unpickling nothing."
     src = Path(src)
     if src.suffix.lower() in PICKLE_SUFFIXES: raise ValueError(
         f"{src}: refusing to load a pickle file ({src.suffix}): unpickling runs whatever code the file holds. "
@@ -301,9 +397,11 @@ def load_model(src:str|Path, # a folder written by `save_model` (or its `model.s
         found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else 'not a folder'
         raise FileNotFoundError(f"{src}: not a mura_study model folder (needs model.safetensors and config.json; found {found}). "
                                 "Pickle files in it are never loaded; write models with learner.save_model.")
-    config = json.loads((folder/'config.json').read_text())
-    model = mura_model(config['arch'], config['size'], dropout=config.get('dropout', 0.5), timm_kwargs=config.get('timm_kwargs', {}))
-    st.load_model(model, str(folder/'model.safetensors'))
+    config = model_config(folder/'config.json')
+    model = mura_model(config['arch'], config['size'], dropout=config.get('dropout', 0.5),
+                       timm_kwargs=config.get('timm_kwargs') or {})
+    digest = hashlib.sha256((folder/'config.json').read_bytes()).hexdigest()
+    model.load_state_dict(_read_weights(folder/'model.safetensors', model.state_dict(), digest))
     model.config = config
     return model.eval()
 
@@ -360,13 +458,18 @@ def load_checkpoint(learn:Learner, folder:Path, key:str|None=None) -> dict|None:
     "Load the newest complete checkpoint of `folder` into `learn`; return its state, or None when there is none (or it belongs to another run than `key`)."
     found = sorted((Path(folder)/'checkpoints').glob('epoch[0-9][0-9][0-9]'))
     if not found: return None
-    state = json.loads((found[-1]/'state.json').read_text())
-    if key is not None and state.get('key') != key:
-        warnings.warn(f"{found[-1]}: checkpoint of a run with other settings or data; starting afresh.", stacklevel=3)
-        return None
-    st.load_model(learn.model, str(found[-1]/'model.safetensors'))
-    learn.create_opt()
-    _load_opt_state(learn.opt, st.load_file(str(found[-1]/'optimizer.safetensors')), state.pop('optimizer'))
+    try:
+        state = json.loads((found[-1]/'state.json').read_text())
+        if key is not None and state.get('key') != key:
+            warnings.warn(f"{found[-1]}: checkpoint of a run with other settings or data; starting afresh.",
+                          stacklevel=3)
+            return None
+        st.load_model(learn.model, str(found[-1]/'model.safetensors'))
+        learn.create_opt()
+        _load_opt_state(learn.opt, st.load_file(str(found[-1]/'optimizer.safetensors')), state.pop('optimizer'))
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e: raise ValueError(
+        f"{found[-1]}: unreadable checkpoint ({type(e).__name__}: {e}). Delete that folder, or train with "
+        "resume=False, to start afresh.") from None
     return state
 
 # %% ../nbs/03_learner.ipynb #c1ffed0b
@@ -385,6 +488,9 @@ class Checkpoints(Callback):
 
     def after_epoch(self):
         if self.epoch < self.start: return
+        if bad := nonfinite_weights(self.model): raise FloatingPointError(
+            f"Training diverged: after epoch {self.epoch} the weights hold NaN or infinity ({', '.join(bad[:3])}); "
+            f"nothing of this epoch is saved. Train again with a smaller learning rate than {self.state['lr']:g}.")
         rec = dict(zip(self.recorder.metric_names[1:], map(float, self.learn.final_record)), epoch=self.epoch)
         s = self.state
         k = -math.inf if math.isnan(rec['kappa']) else rec['kappa']
@@ -395,10 +501,23 @@ class Checkpoints(Callback):
         s.update(epoch=self.epoch, history=s['history'] + [rec], smooth_loss=(float(sl.val), sl.count))
         save_checkpoint(self.learn, self.folder, s)
 
+# %% ../nbs/03_learner.ipynb #0d4b67a5
+class FiniteLoss(Callback):
+    "Stops training with a clear error the moment a training batch's loss is NaN or infinite, before its step."
+    def after_loss(self):
+        if not self.training or bool(torch.isfinite(self.loss).all()): return
+        lr = self.opt.hypers[-1]['lr']
+        raise FloatingPointError(
+            f"Training diverged: the loss is {float(self.loss.mean()):g} at epoch {self.epoch}, batch {self.iter} "
+            f"(learning rate {lr:.3g} at that step). Train again with a smaller learning rate, e.g. a tenth of this "
+            "run's; the checkpoints of the epochs before are kept, and nothing of this epoch is saved.")
+
 # %% ../nbs/03_learner.ipynb #543916b9
 def _find_lr(learn:Learner) -> float:
     "fastai's `lr_find` valley, with at most two passes over a small training set."
-    return float(learn.lr_find(num_it=min(100, max(10, 2*len(learn.dls.train))), show_plot=False).valley)
+    lr = float(learn.lr_find(num_it=min(100, max(10, 2*len(learn.dls.train))), show_plot=False).valley)
+    if not (_real(lr) and lr > 0): raise ValueError(f"lr_find found no usable learning rate ({lr}); pass lr=.")
+    return lr
 
 def fingerprint(learn:Learner, epochs:int, lr:float|None) -> str:
     "What a checkpoint must share with a run to be resumed by it: model settings (head and timm options included), schedule, batch size and the data's rows."
@@ -424,6 +543,7 @@ def train(learn:Learner, # from `mura_learner`
           folder:str|Path|None=None, # checkpoint folder, instead of `name` and `tag`
          ) -> Learner:
     "One-cycle training with a checkpoint each epoch; ends holding the epoch with the best validation kappa."
+    check_training(epochs=epochs, lr=lr)
     if resume and name is None and folder is None: raise ValueError("resume=True needs a run name (or a folder): checkpoints live in runs/<name>/models/<tag>.")
     folder = Path(folder) if folder else train_folder(learn, name, tag)
     learn.path = folder  # lr_find's scratch files go here, not into the working directory
@@ -433,7 +553,8 @@ def train(learn:Learner, # from `mura_learner`
         shutil.rmtree(folder/'checkpoints', ignore_errors=True); shutil.rmtree(folder/'best', ignore_errors=True)
         state = dict(key=key, epoch=-1, epochs=epochs, lr=lr or _find_lr(learn), best_kappa=None, best_epoch=None, history=[])
     if state['epoch'] + 1 < epochs:
-        learn.fit_one_cycle(epochs, state['lr'], start_epoch=state['epoch'] + 1, cbs=[Checkpoints(folder, state)] + list(cbs or []))
+        learn.fit_one_cycle(epochs, state['lr'], start_epoch=state['epoch'] + 1,
+                            cbs=[Checkpoints(folder, state), FiniteLoss(), *(cbs or [])])
     st.load_model(learn.model, str(folder/'best'/'model.safetensors'))
     learn.model.config.update(epochs=epochs, lr=state['lr'], best_epoch=state['best_epoch'], valid_kappa=state['best_kappa'])
     learn.history = pd.DataFrame(state['history'])
@@ -715,6 +836,7 @@ def fit_evaluate(cut:pd.DataFrame, # a protocol's rows: `set` = train/valid/test
                  **kwargs, # passed to `mura_learner` (pretrained, dropout, l2, wd, ...)
                 ) -> tuple[Learner, dict]:
     "Train `arch` on the protocol's train/valid rows and `evaluate` it on its test rows."
+    check_training(epochs=epochs, lr=lr, bs=bs, size=size); get_arch(arch)  # before any image is read
     seed_everything(seed)
     cache = run_dir(name)/'cache' if name else None
     dls = mura_dataloaders(cut, size=size, bs=bs, seed=seed, cache_dir=cache, progress=False)

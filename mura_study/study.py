@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_study.ipynb #2ea6bb95
 from __future__ import annotations
-import argparse, ast, importlib, json, shutil, subprocess, sys, tempfile, time
+import argparse, ast, copy, importlib, json, math, re, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import pandas as pd
@@ -22,10 +22,11 @@ class _Chapter:
 data, interpret, learner, synth, tuning = map(_Chapter, ('data', 'interpret', 'learner', 'synth', 'tuning'))
 
 # %% auto #0
-__all__ = ['data', 'interpret', 'learner', 'synth', 'tuning', 'PNG_BYTES_PER_PIXEL', 'CHECKPOINTS_PER_MODEL', 'MURA_CSVS',
-           'REPORT_SECTIONS', 'chapters', 'finished', 'to_run', 'run_data', 'chapter_imports', 'disk_estimate',
-           'NotReady', 'preflight', 'run_chapter', 'reproduce', 'chapter_times', 'write_report', 'missing_outputs',
-           'render_html', 'bench_all', 'main']
+__all__ = ['data', 'interpret', 'learner', 'synth', 'tuning', 'PNG_BYTES_PER_PIXEL', 'CHECKPOINTS_PER_MODEL', 'REPORT_SECTIONS',
+           'LIBRARY_NOTEBOOKS', 'CDN_WIDGET_SCRIPTS', 'BENCHMARKS', 'USER_ERRORS', 'chapters', 'finished', 'to_run',
+           'chapter_imports', 'disk_estimate', 'NotReady', 'preflight', 'run_chapter', 'reproduce', 'chapter_times',
+           'write_report', 'missing_outputs', 'render_html', 'docs_notebook', 'snapshot_run', 'docs_source',
+           'plain_notebook', 'build_docs', 'bench_all', 'positive_int', 'positive_float', 'main']
 
 # %% ../nbs/06_study.ipynb #3e6efdf2
 def chapters(nbs:Path|None=None, # notebook folder (default: the checkout's `nbs/`)
@@ -49,25 +50,6 @@ def to_run(nbs:list[Path], out:Path, force:bool=False) -> list[Path]:
     if force: return list(nbs)
     todo = [i for i, nb in enumerate(nbs) if not finished(Path(out)/nb.name)]
     return list(nbs[todo[0]:]) if todo else []
-
-# %% ../nbs/06_study.ipynb #c6871baf
-def run_data(rd:Path, # the run folder
-             prof:Profile, # the run profile (its `n_patients` and `synth_side`)
-             data:str|Path|None=None, # a MURA-v1.1 folder, or None for synthetic data
-             seed:int=0, # seed of the synthetic set
-            ) -> Path:
-    "The MURA-v1.1 folder a run reads: `data` if given, else a synthetic set made once in `rd/data`."
-    if data is not None:
-        p = Path(data).expanduser().absolute()
-        if not p.exists(): raise FileNotFoundError(f"MURA folder {p} does not exist: pass the folder holding train_image_paths.csv.")
-        return p
-    from mura_study.synth import make_mura
-    done = rd/'data'/'.complete'
-    if done.exists(): return rd/'data'/'MURA-v1.1'
-    if prof.n_patients is None: raise ValueError(f"Profile {prof.name!r} needs real data: pass --data /path/to/MURA-v1.1.")
-    root = make_mura(rd/'data', n_patients=prof.n_patients, size=prof.synth_side, seed=seed)
-    done.write_text(json.dumps(dict(n_patients=prof.n_patients, size=prof.synth_side, seed=seed)))
-    return root
 
 # %% ../nbs/06_study.ipynb #aed1f450
 def chapter_imports(nbs:list[Path], # chapter notebooks, as from `chapters`
@@ -113,19 +95,18 @@ def _import_problem(mod:str) -> str|None:
         return f"cannot import {mod} ({type(e).__name__}: {e}). Fix: make install (or pip install -e . in this checkout)."
 
 # %% ../nbs/06_study.ipynb #55f953c3
-MURA_CSVS = ('train_image_paths.csv', 'train_labeled_studies.csv', 'valid_image_paths.csv', 'valid_labeled_studies.csv')
-
-def _data_problem(prof:Profile, data:str|Path|None) -> str|None:
-    if data is None:
+def _data_problem(prof:Profile, folder:str|Path|None) -> str|None:
+    if folder is None:
         return None if prof.data == 'synthetic' else f"profile {prof.name!r} needs real data. Fix: --data /path/to/MURA-v1.1."
-    try: data_root = importlib.import_module('mura_study.data').mura_folder(data)
+    try: mura = data.mura_folder(folder)
     except FileNotFoundError as e: return str(e)
-    return next((f"{data_root/n} is missing. Fix: re-extract MURA-v1.1.zip." for n in MURA_CSVS if not (data_root/n).is_file()), None)
+    missing = [n for n in data.MURA_CSVS if not (mura/n).is_file()]
+    return f"{mura/missing[0]} is missing. Fix: re-extract MURA-v1.1.zip." if missing else None
 
-def _n_images(prof:Profile, data:str|Path|None) -> int:
-    if data is None: return len(importlib.import_module('mura_study.synth').plan_mura(prof.n_patients, 0))
-    mura = importlib.import_module('mura_study.data').mura_folder(data)
-    return sum(sum(1 for l in open(mura/f'{s}_image_paths.csv', 'rb') if l.strip()) for s in ('train', 'valid'))
+def _n_images(prof:Profile, folder:str|Path|None) -> int:
+    if folder is None: return len(synth.plan_mura(prof.n_patients, 0))
+    mura = data.mura_folder(folder)
+    return sum(sum(1 for line in open(mura/f'{s}_image_paths.csv', 'rb') if line.strip()) for s in ('train', 'valid'))
 
 # %% ../nbs/06_study.ipynb #ef66ab4b
 def preflight(prof:Profile, # the run profile
@@ -182,7 +163,8 @@ def reproduce(profile:str='demo', # run profile: ci, demo or paper
     prof, nbs = core.profile(profile), chapters(nbs)
     try: rd = run_dir(name or prof.name)
     except OSError as e: raise NotReady(f"cannot create the run folder ({e}). Fix: set MURA_STUDY_RUNS to a writable folder.") from None
-    if problems := preflight(prof, rd, data, nbs, html): raise NotReady('\n'.join(problems))
+    run_lock(rd, f"reproduce --profile {prof.name} --name {rd.name}")
+    if problems := preflight(prof, rd, data, nbs, html): raise NotReady('the run cannot start:\n' + '\n'.join(problems))
     params = dict(name=rd.name, profile=prof.name, data_path=str(run_data(rd, prof, data)))
     todo = to_run(nbs, rd/'notebooks', force)
     for nb in nbs:
@@ -232,9 +214,9 @@ def write_report(rd:Path, # the run folder
     lines += ["## Figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in sorted((rd/'figures').glob('*.png'))]
     times = chapter_times(rd)
     if len(times):
-        times.to_csv(tables/'chapter_times.csv', index=False)
+        save_table(times, rd, 'chapter_times')
         lines += ["", "## Chapter wall times", "", times.to_markdown(index=False, floatfmt='.1f')]
-    (rd/'report.md').write_text('\n'.join(lines) + '\n')
+    with atomic_write(rd/'report.md') as t: t.write_text('\n'.join(lines) + '\n')
     return rd/'report.md'
 
 # %% ../nbs/06_study.ipynb #9ae1b088
@@ -256,6 +238,103 @@ def render_html(rd:Path) -> list[Path]:
         if shutil.which('quarto'): cmd = ['quarto', 'render', str(nb), '--to', 'html', '--output-dir', str(out.absolute())]
         else: cmd = [sys.executable, '-m', 'nbconvert', '--to', 'html', '--log-level=ERROR', '--output-dir', str(out), str(nb)]
         subprocess.run(cmd, check=True, capture_output=True)
+    return sorted(out.glob('*.html'))
+
+# %% ../nbs/06_study.ipynb #38f13f5a
+def docs_notebook(nb:dict, # an executed notebook, as JSON
+                 ) -> dict:
+    "`nb` as a reader of the docs should see it: no stderr streams, paths relative to the checkout that ran it."
+    nb = copy.deepcopy(nb)
+    for c in nb['cells']:
+        if c['cell_type'] == 'code':
+            c['outputs'] = [o for o in c['outputs'] if not (o['output_type'] == 'stream' and o.get('name') == 'stderr')]
+    if src := nb.get('metadata', {}).get('papermill', {}).get('input_path'):  # <checkout>/nbs/<chapter>.ipynb
+        nb = json.loads(json.dumps(nb).replace(f"{Path(src).absolute().parent.parent}/", ''))
+    return nb
+
+# %% ../nbs/06_study.ipynb #4b261685
+LIBRARY_NOTEBOOKS = ('00_core.ipynb', '06_study.ipynb', 'index.ipynb')  # executed by `snapshot_run`: they train nothing
+
+def snapshot_run(rd:Path, # a finished run folder
+                 dest:Path, # where to keep it, e.g. `results/demo`
+                 nbs:Path|None=None, # the source notebooks (default: the checkout's `nbs/`)
+                ) -> Path:
+    "Copy the report, tables, figures and docs-ready executed notebooks of run `rd` to `dest`."
+    import papermill as pm
+    rd, dest, nbs = Path(rd), Path(dest), Path(nbs or project_root()/'nbs')
+    if missing := missing_outputs(rd): raise FileNotFoundError(f"Run {rd} is not finished, it lacks {', '.join(missing)}: run it first.")
+    for sub in ('tables', 'figures', 'notebooks'): shutil.rmtree(dest/sub, ignore_errors=True); (dest/sub).mkdir(parents=True)
+    shutil.copy(rd/'report.md', dest/'report.md')
+    for f in (*(rd/'tables').glob('*.csv'), *(rd/'figures').glob('*.png')): shutil.copy(f, dest/f.parent.name/f.name)
+    for nb in (rd/'notebooks').glob('*.ipynb'):
+        (dest/'notebooks'/nb.name).write_text(json.dumps(docs_notebook(json.loads(nb.read_text())), indent=1))
+    for name in LIBRARY_NOTEBOOKS:
+        out = dest/'notebooks'/name
+        pm.execute_notebook(nbs/name, out, cwd=nbs, progress_bar=False)
+        out.write_text(json.dumps(docs_notebook(json.loads(out.read_text())), indent=1))
+    return dest
+
+# %% ../nbs/06_study.ipynb #30a1aff4
+def docs_source(results:Path, # a run kept by `snapshot_run`, e.g. `results/demo`
+                dest:Path, # the folder to render from (replaced)
+                nbs:Path|None=None, # the source notebooks (default: the checkout's `nbs/`)
+               ) -> Path:
+    "The sources in `nbs/` with every notebook replaced by its executed copy in `results/notebooks`."
+    nbs, results, dest = Path(nbs or project_root()/'nbs'), Path(results), Path(dest)
+    if not (results/'notebooks').is_dir(): raise FileNotFoundError(
+        f"{results/'notebooks'} is missing: keep a finished run there first (make results NAME=demo).")
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(nbs, dest, ignore=shutil.ignore_patterns('runs', '_proc', '.ipynb_checkpoints', '*.db'))
+    for nb in (results/'notebooks').glob('*.ipynb'): shutil.copy(nb, dest/nb.name)
+    _copy_figures(results, dest)
+    return dest
+
+def _copy_figures(results:Path, site:Path):
+    "The kept run's figures into `site`, where the index's links (relative to the checkout) find them."
+    rel = Path(results).absolute().relative_to(project_root())
+    shutil.copytree(Path(results)/'figures', site/rel/'figures', dirs_exist_ok=True)
+
+# %% ../nbs/06_study.ipynb #4d34a9ec
+def plain_notebook(nb:dict, # a docs notebook, from `docs_notebook`
+                  ) -> dict:
+    "`nb` as nbdev shows it, for nbconvert: `#| hide` cells dropped, directives removed, `#| echo: false` code tagged."
+    nb, cells = copy.deepcopy(nb), []
+    for c in nb['cells']:
+        lines = ''.join(c['source']).splitlines(keepends=True)
+        flags = {l[3:].strip() for l in lines if l.startswith('#| ')}
+        if c['cell_type'] != 'code': cells.append(c); continue
+        if 'hide' in flags or 'default_exp' in ' '.join(flags): continue
+        c['source'] = ''.join(l for l in lines if not l.startswith('#|')).lstrip('\n')
+        if 'echo: false' in flags: c.setdefault('metadata', {}).setdefault('tags', []).append('remove_input')
+        cells.append(c)
+    nb['cells'] = cells
+    return nb
+
+# %% ../nbs/06_study.ipynb #8c3448f1
+CDN_WIDGET_SCRIPTS = re.compile(r'<script src="https://cdnjs\.cloudflare\.com/ajax/libs/(?:require\.js|jquery)/[^"]*"[^>]*></script>\n?'
+                                r'|<script type="application/javascript">define\(\'jquery\'[^<]*</script>\n?')
+
+def build_docs(results:Path|None=None, # a run kept by `snapshot_run` (default: `results/demo`)
+               quarto:bool|None=None, # render with Quarto (default: when `quarto` is on the path)
+              ) -> list[Path]:
+    "Render the docs of a kept run into the checkout's `_docs/`; return the HTML pages."
+    root = project_root(); results = Path(results or root/'results'/'demo')
+    src, out = docs_source(results, root/'build'/'docs'), root/'_docs'  # not a dot folder: nbdev skips those
+    shutil.rmtree(out, ignore_errors=True)
+    if quarto if quarto is not None else shutil.which('quarto'):
+        refresh = 'from nbdev.quarto import refresh_quarto_yml; refresh_quarto_yml()'  # writes nbs/nbdev.yml: where Quarto renders
+        subprocess.run([sys.executable, '-c', refresh], cwd=root, check=True); shutil.copy(root/'nbs'/'nbdev.yml', src/'nbdev.yml')
+        run = subprocess.run([str(Path(sys.executable).parent/'nbdev-docs'), '--path', str(src)], cwd=root, capture_output=True, text=True)
+        if run.returncode: raise RuntimeError(f"nbdev-docs failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        for page in out.glob('*.html'): page.write_text(CDN_WIDGET_SCRIPTS.sub('', page.read_text()))
+    else:
+        out.mkdir()
+        for nb in sorted(src.glob('*.ipynb')): (out/nb.name).write_text(json.dumps(plain_notebook(json.loads(nb.read_text()))))
+        subprocess.run([sys.executable, '-m', 'nbconvert', '--to', 'html', '--log-level=ERROR', '--no-prompt',
+                        '--TagRemovePreprocessor.enabled=True', '--TagRemovePreprocessor.remove_input_tags=remove_input',
+                        *map(str, sorted(out.glob('*.ipynb')))], check=True, capture_output=True)
+        for nb in out.glob('*.ipynb'): nb.unlink()
+    _copy_figures(results, out)
     return sorted(out.glob('*.html'))
 
 # %% ../nbs/06_study.ipynb #c79463f3
@@ -282,12 +361,32 @@ def bench_all(size:int=224, # model input side for the loader and explanation be
                  ('interpret', 'Grad-CAM + saliency vs one forward pass, 1 image', pick('Grad-CAM + saliency (one pass), 1 image'), '<= 4', 'x')]
     return pd.DataFrame(rows, columns=['chapter', 'benchmark', 'measured', 'target', 'unit']).round(2)
 
+# %% ../nbs/06_study.ipynb #5321048b
+def positive_int(s:str) -> int:
+    "An argparse type: a whole number of at least 1."
+    try: v = int(s)
+    except ValueError: v = 0
+    if v < 1: raise argparse.ArgumentTypeError(f"{s!r} is not a positive whole number")
+    return v
+
+def positive_float(s:str) -> float:
+    "An argparse type: a finite number above 0 (not nan, not inf)."
+    try: v = float(s)
+    except ValueError: v = float('nan')
+    if not (math.isfinite(v) and v > 0): raise argparse.ArgumentTypeError(f"{s!r} is not a finite number above 0")
+    return v
+
+# %% ../nbs/06_study.ipynb #2919e314
+class _Parser(argparse.ArgumentParser):
+    "An argument parser whose errors are one line and exit 2."
+    def error(self, message:str):
+        self.exit(2, f"{self.prog}: {message}. See '{self.prog} --help'.\n")
+
 # %% ../nbs/06_study.ipynb #85b7ff33
 def _check_data(a) -> int:
-    df = data.read_mura(a.data, on_error='skip')
+    df = data.read_mura(a.data, on_error='skip', check_images='decode')  # every image decoded in full
     print(data.summary(df).to_string())
-    problems = df.attrs.get('problems')
-    if problems is not None and len(problems):
+    if len(problems := data.problems(df)):
         print(f"\n{len(problems)} problem(s) in {a.data}:"); print(problems.to_string(index=False)); return 1
     print(f"\n{len(df)} images, no problems."); return 0
 
@@ -298,12 +397,17 @@ def _images(a) -> pd.DataFrame:
     root = run_data(run_dir(a.name or prof.name), prof, a.data, a.seed)
     return data.protocol(data.read_mura(root), a.protocol, seed=a.seed)
 
+def _arch(a) -> str:
+    if a.arch not in learner.ARCHS: raise ValueError(f"unknown architecture {a.arch!r}; choose one of {', '.join(learner.ARCHS)}")
+    return a.arch
+
 def _train(a) -> int:
-    prof = core.profile(a.profile)
-    size, epochs = a.size or prof.size, a.epochs or prof.epochs
-    learn, res = learner.fit_evaluate(_images(a), a.arch, size, epochs, bs=a.bs or prof.bs, lr=a.lr, seed=a.seed,
-                                      name=a.name or prof.name, dropout=a.dropout, l2=a.l2)
-    dest = learner.save_model(learn, run_dir(a.name or prof.name)/'models'/a.arch, metrics=learner.summary_row(res).to_dict())
+    prof, arch = core.profile(a.profile), _arch(a)
+    rd = run_dir(a.name or prof.name); run_lock(rd)
+    size, epochs, bs = (a.size or prof.size), (a.epochs or prof.epochs), (a.bs or prof.bs)  # None: the profile's
+    learn, res = learner.fit_evaluate(_images(a), arch, size=size, epochs=epochs, bs=bs, lr=a.lr, seed=a.seed,
+                                      name=rd.name, dropout=a.dropout, l2=a.l2)
+    dest = learner.save_model(learn, rd/'models'/arch, metrics=learner.summary_row(res).to_dict())
     print(learner.summary_row(res).to_string()); print(f"Model: {dest}"); return 0
 
 def _evaluate(a) -> int:
@@ -316,14 +420,17 @@ def _add_data_args(p, profile='ci'):
     p.add_argument('--data', default=None, help="a MURA-v1.1 folder (default: the run's synthetic set, made on first use)")
     p.add_argument('--profile', default=profile, choices=list(PROFILES), help=f"run size (default: {profile})")
     p.add_argument('--name', default=None, help="run name, the folder under runs/ (default: the profile)")
-    p.add_argument('--protocol', default='official', choices=['official', 'paper', 'paper_clean'], help="split protocol (default: official)")
+    p.add_argument('--protocol', default='official', choices=['official', 'paper', 'paper_clean'],
+                   help="split protocol (default: official)")
     p.add_argument('--seed', type=int, default=0, help="seed of splits, initialisation and loaders (default: 0)")
 
 # %% ../nbs/06_study.ipynb #8b7441a5
+BENCHMARKS = ('synth', 'data', 'learner', 'interpret')
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='mura-study', description="Musculoskeletal radiograph classification on MURA: "
-                                "reproduce the study, or run one step of it. 'mura-study COMMAND --help' explains each command.")
-    sub = p.add_subparsers(dest='cmd', metavar='COMMAND')
+    p = _Parser(prog='mura-study', description="Musculoskeletal radiograph classification on MURA: "
+                "reproduce the study, or run one step of it. 'mura-study COMMAND --help' explains each command.")
+    sub = p.add_subparsers(dest='cmd', metavar='COMMAND', parser_class=_Parser)
     r = sub.add_parser('reproduce', help="run every chapter notebook into runs/<name>/ and write report.md")
     r.add_argument('--profile', default='demo', choices=list(PROFILES), help="run size (default: demo)")
     r.add_argument('--data', default=None, help="a MURA-v1.1 folder (default: generate synthetic data)")
@@ -332,53 +439,71 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--no-html', action='store_true', help="skip rendering the executed notebooks to HTML")
     s = sub.add_parser('synth', help="write a synthetic dataset in the MURA-v1.1 layout")
     s.add_argument('dest', help="folder to write MURA-v1.1/ into (must be empty or new)")
-    s.add_argument('--patients', type=int, default=200, help="patients, train and valid together (default: 200)")
-    s.add_argument('--size', type=int, default=512, help="longest image side in pixels (default: 512)")
+    s.add_argument('--patients', type=positive_int, default=200, help="patients, train and valid together (default: 200)")
+    s.add_argument('--size', type=positive_int, default=512, help="longest image side in pixels (default: 512)")
     s.add_argument('--seed', type=int, default=0, help="same seed, same bytes (default: 0)")
     c = sub.add_parser('check-data', help="validate a MURA folder: summary and problems; exit 1 on problems")
     c.add_argument('data', help="the MURA-v1.1 folder or the folder holding it")
     t = sub.add_parser('train', help="train one architecture, evaluate it on the test set, save it to runs/<name>/models/")
     _add_data_args(t)
     t.add_argument('--arch', default='mobilenetv2', help="architecture: vgg19, xception, mobilenetv2, convnext_base, densenet169")
-    for k, h in [('size', "input size"), ('epochs', "epochs"), ('bs', "batch size")]: t.add_argument(f'--{k}', type=int, default=None, help=f"{h} (default: the profile's)")
-    t.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"maximum one-cycle learning rate (default: {DEFAULT_LR:g})")
+    for k, h in [('size', "input size"), ('epochs', "epochs"), ('bs', "batch size")]:
+        t.add_argument(f'--{k}', type=positive_int, default=None, help=f"{h} (default: the profile's)")
+    t.add_argument("--lr", type=positive_float, default=DEFAULT_LR, help=f"maximum one-cycle learning rate (default: {DEFAULT_LR:g})")
     t.add_argument('--dropout', type=float, default=0.5, help="head dropout (default: 0.5)")
     t.add_argument('--l2', type=float, default=0.0, help="L2 penalty (default: 0)")
     e = sub.add_parser('evaluate', help="evaluate a saved model (a folder with model.safetensors and config.json)")
     e.add_argument('model', help="model folder written by 'train' or save_model")
-    _add_data_args(e); e.add_argument('--set', default='test', choices=['train', 'valid', 'test'], help="which set (default: test)")
+    _add_data_args(e)
+    e.add_argument('--set', default='test', choices=['train', 'valid', 'test'], help="which set (default: test)")
     u = sub.add_parser('tune', help="join (or start) a tuning study; run one per process or machine")
     _add_data_args(u)
+    u.set_defaults(seed=None)
     u.add_argument('--storage', default=None, help="database URL shared by workers (default: runs/<name>/tuning.db)")
     u.add_argument('--study', default=None, help="study name (default: <arch>-<metric>)")
-    u.add_argument('--n-trials', type=int, default=None, help="trials of the whole study (default: the profile's)")
+    u.add_argument('--n-trials', type=positive_int, default=None, help="trials of the whole study (default: the profile's)")
     u.add_argument('--arch', default='mobilenetv2'); u.add_argument('--metric', default='f1', choices=['f1', 'kappa'])
     x = sub.add_parser('explain', help="Grad-CAM, saliency and LIME overlays (PNG) and a JSON of probabilities and scores")
     x.add_argument('model', help="model folder written by 'train' or save_model")
     x.add_argument('images', nargs='+', help="image files"); x.add_argument('--out', default='explanations', help="output folder")
-    x.add_argument('--lime-samples', type=int, default=1000, help="LIME perturbations per image (default: 1000)")
+    x.add_argument('--lime-samples', type=positive_int, default=1000, help="LIME perturbations per image (default: 1000)")
+    k = sub.add_parser('results', help="keep a finished run's report, tables, figures and executed notebooks in results/<name>/")
+    k.add_argument('--name', default='demo', help="the run under runs/ (default: demo)")
+    d = sub.add_parser('docs', help="render the docs site of a kept run into _docs/ (Quarto if installed, else nbconvert)")
+    d.add_argument('--results', default=None, help="a folder written by 'results' (default: results/demo)")
     b = sub.add_parser('bench', help="every chapter's benchmark ratio in one table")
-    b.add_argument('--only', nargs='+', default=['synth', 'data', 'learner', 'interpret'], help="chapters to benchmark")
-    b.add_argument('--size', type=int, default=224, help="input side (default: 224)")
+    b.add_argument('--only', nargs='+', default=list(BENCHMARKS), choices=BENCHMARKS, help="chapters to benchmark")
+    b.add_argument('--size', type=positive_int, default=224, help="input side (default: 224)")
     return p
 
 # %% ../nbs/06_study.ipynb #34c41077
-def main(argv:list[str]|None=None) -> int:
-    "Entry point of the `mura-study` command."
-    a = _parser().parse_args(argv)
-    if a.cmd is None: _parser().print_help(); return 0
+USER_ERRORS = (NotReady, RunBusy, ValueError, FloatingPointError,  # a bad value, a training that diverged
+               FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+def _run(a) -> int:
+    "Run the parsed command `a`; return its exit status."
     if a.cmd == 'reproduce':
-        try: rd = reproduce(a.profile, data=a.data, name=a.name, force=a.force, html=not a.no_html)
-        except NotReady as e:
-            print("mura-study reproduce cannot start:", *(f"  - {l}" for l in str(e).splitlines()), sep='\n', file=sys.stderr)
-            return 2
+        rd = reproduce(a.profile, data=a.data, name=a.name, force=a.force, html=not a.no_html)
         print(f"Results in {rd}\nReport: {rd/'report.md'}"); return 0
     if a.cmd == 'synth': print(synth.make_mura(a.dest, n_patients=a.patients, size=a.size, seed=a.seed)); return 0
     if a.cmd == 'check-data': return _check_data(a)
     if a.cmd == 'train': return _train(a)
     if a.cmd == 'evaluate': return _evaluate(a)
     if a.cmd == 'tune':
-        tuning.tune_worker(a.storage, a.study, a.n_trials, a.arch, a.metric, a.profile, a.name, a.data, a.protocol, a.seed); return 0
-    if a.cmd == 'explain':
-        print(interpret.explain_to_files(a.model, a.images, a.out, lime_samples=a.lime_samples)); return 0
+        tuning.tune_worker(a.storage, a.study, a.n_trials, _arch(a), a.metric, a.profile, a.name, a.data, a.protocol, a.seed)
+        return 0
+    if a.cmd == 'explain': print(interpret.explain_to_files(a.model, a.images, a.out, lime_samples=a.lime_samples)); return 0
+    if a.cmd == 'results': print(snapshot_run(run_dir(a.name), project_root()/'results'/a.name)); return 0
+    if a.cmd == 'docs': pages = build_docs(a.results); print(f"{len(pages)} pages in {pages[0].parent}"); return 0
     if a.cmd == 'bench': print(bench_all(a.size, tuple(a.only)).to_string(index=False)); return 0
+
+def main(argv:list[str]|None=None) -> int:
+    "Entry point of the `mura-study` command: a user's error is one line and status 2."
+    a = _parser().parse_args(argv)
+    if a.cmd is None: _parser().print_help(); return 0
+    try: return _run(a)
+    except USER_ERRORS as e:
+        msg = str(e).strip() or type(e).__name__
+        lines = msg.splitlines()
+        if len(lines) > 1: msg = lines[0].rstrip(':') + ':\n' + '\n'.join(f"  - {l.lstrip(' -')}" for l in lines[1:])
+        print(f"mura-study {a.cmd}: {msg}", file=sys.stderr); return 2

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_synth.ipynb #f144edf4
 from __future__ import annotations
-import math, tempfile, time
+import ctypes, json, math, numbers, os, signal, sys, tempfile, threading, time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from .core import *
 
 # %% auto #0
-__all__ = ['BODY_PARTS', 'PART_IMAGES', 'ABNORMAL_RATE', 'FINDINGS', 'ANATOMY', 'FRAME', 'FINDABLE', 'plan_mura', 'Bone',
-           'patient_traits', 'study_findings', 'render_view', 'make_mura', 'plan_counts', 'bench_synth', 'example_grid']
+__all__ = ['BODY_PARTS', 'PART_IMAGES', 'ABNORMAL_RATE', 'FINDINGS', 'ANATOMY', 'FRAME', 'FINDABLE', 'MIN_SIDE', 'SETTINGS_FILE',
+           'JOURNAL', 'CSVS', 'plan_mura', 'Bone', 'patient_traits', 'study_findings', 'render_view', 'synth_settings',
+           'make_mura', 'plan_counts', 'bench_synth', 'example_grid']
 
 # %% ../nbs/01_synth.ipynb #f31ded28
 BODY_PARTS = ('ELBOW', 'FINGER', 'FOREARM', 'HAND', 'HUMERUS', 'SHOULDER', 'WRIST')
@@ -444,27 +445,119 @@ def render_view(part:str, # body part, one of `BODY_PARTS`
     return im, boxes
 
 # %% ../nbs/01_synth.ipynb #69aef84d
-def _write_image(job) -> list:
-    "Render and save one planned image; return its box rows."
+def _write_image(job) -> tuple:
+    "Render and save one planned image, renamed into place whole; return its path and its boxes."
     root, size, seed, rgb_rate, r = job
     fs = study_findings(seed, r['pid'], r['body_part'], r['study'], r['findings'], r['n_views'])
     im, boxes = render_view(r['body_part'], fs, size, seed, r['pid'], r['study'], r['view'])
-    if np.random.default_rng([seed, r['pid'], BODY_PARTS.index(r['body_part']), r['study'], r['view'], 5]).random() < rgb_rate:
-        im = im.convert('RGB')
+    rgb = np.random.default_rng([seed, r['pid'], BODY_PARTS.index(r['body_part']), r['study'], r['view'], 5]).random()
+    if rgb < rgb_rate: im = im.convert('RGB')
     p = Path(root)/r['path']
     p.parent.mkdir(parents=True, exist_ok=True)
-    im.save(p, format='PNG')
-    return [(r['path'], *b) for b in boxes]
+    with atomic_write(p) as tmp: im.save(tmp, format='PNG')
+    return r['path'], [list(b) for b in boxes]
 
 # %% ../nbs/01_synth.ipynb #4c0f1d02
 def _write_csvs(root:Path, plan:pd.DataFrame, boxes:list):
-    "The four MURA CSVs (no header, `MURA-v1.1/` prefix, study paths with a trailing slash) and the boxes."
+    "The four MURA CSVs (no header, `MURA-v1.1/` prefix, trailing slash on study paths), then the boxes, each whole."
     for split, d in plan.groupby('split'):
-        (root/f'{split}_image_paths.csv').write_text(''.join(p + '\n' for p in d.path))
+        with atomic_write(root/f'{split}_image_paths.csv') as t: t.write_text(''.join(p + '\n' for p in d.path))
         st = d.drop_duplicates(['pid', 'body_part', 'study'])
-        (root/f'{split}_labeled_studies.csv').write_text(''.join(
-            f"{p.rsplit('/', 1)[0]}/,{l}\n" for p, l in zip(st.path, st.label)))
-    pd.DataFrame(boxes, columns=['path', 'x0', 'y0', 'x1', 'y1', 'kind']).to_csv(root/'lesion_boxes.csv', index=False, lineterminator='\n')
+        with atomic_write(root/f'{split}_labeled_studies.csv') as t:
+            t.write_text(''.join(f"{p.rsplit('/', 1)[0]}/,{l}\n" for p, l in zip(st.path, st.label)))
+    with atomic_write(root/'lesion_boxes.csv') as t:
+        table = pd.DataFrame(boxes, columns=['path', 'x0', 'y0', 'x1', 'y1', 'kind'])
+        table.to_csv(t, index=False, lineterminator='\n')
+
+# %% ../nbs/01_synth.ipynb #0698227e
+MIN_SIDE = 32  # smallest image side `make_mura` draws: below it bones are a few pixels wide
+
+def synth_settings(n_patients:int, # patients in train and valid together: at least 2 (one per split)
+                   size:int, # longest image side in pixels: at least `MIN_SIDE`
+                   seed:int, # dataset seed: a non-negative integer
+                   rgb_rate:float, # share of images saved as RGB: 0 to 1
+                  ) -> dict:
+    "What determines a synthetic set's bytes, checked: a ValueError names the first setting that makes no sense."
+    whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    for ok, what in [(whole(n_patients) and n_patients >= 2, f"n_patients={n_patients!r}: need a whole number >= 2 "
+                                                                "(one patient per split at least)"),
+                     (whole(size) and size >= MIN_SIDE, f"size={size!r}: need a whole number of pixels >= {MIN_SIDE}"),
+                     (whole(seed) and seed >= 0, f"seed={seed!r}: need a whole number >= 0"),
+                     (isinstance(rgb_rate, numbers.Real) and 0 <= rgb_rate <= 1, f"rgb_rate={rgb_rate!r}: need 0 to 1"),
+                    ]:
+        if not ok: raise ValueError(f"make_mura: {what}.")
+    return dict(format='mura_study.synth/1', n_patients=int(n_patients), size=int(size), seed=int(seed),
+                rgb_rate=float(rgb_rate))
+
+# %% ../nbs/01_synth.ipynb #544abcae
+def _parent_alive(pid:int) -> bool:
+    "Whether process `pid` still exists."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass
+    return True
+
+def _die_with_parent(parent:int):
+    "Pool initializer: end this worker as soon as process `parent` ends (Linux: at once; elsewhere: within a second)."
+    if sys.platform.startswith('linux'): ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    def watch():
+        while _parent_alive(parent): time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+# %% ../nbs/01_synth.ipynb #df2c5093
+def _rendered(jobs:list, n_workers:int, desc:str, progress:bool):
+    "`_write_image` of each job, in order, from `n_workers` processes that die with this one."
+    bar = dict(total=len(jobs), disable=not progress, desc=desc)
+    if n_workers <= 1 or not jobs: yield from tqdm(map(_write_image, jobs), **bar); return
+    ex = ProcessPoolExecutor(n_workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+    try: yield from tqdm(ex.map(_write_image, jobs, chunksize=16), **bar)
+    finally: ex.shutdown(cancel_futures=True)  # on an error, the images not yet started are dropped
+
+# %% ../nbs/01_synth.ipynb #9cc7446c
+SETTINGS_FILE, JOURNAL = '.synth.json', '.synth-written.jsonl'
+CSVS = ('train_image_paths.csv', 'train_labeled_studies.csv', 'valid_image_paths.csv', 'valid_labeled_studies.csv',
+        'lesion_boxes.csv')
+
+def _png_complete(p:Path) -> bool:
+    "Whether `p` is a whole PNG file: each chunk's checksum right, up to the end chunk and its own checksum."
+    try:
+        with Image.open(p) as im: im.verify()  # stops short of the end chunk's checksum
+        with open(p, 'rb') as f: f.seek(-12, os.SEEK_END); return f.read() == b'\0\0\0\0IEND\xaeB`\x82'
+    except Exception: return False  # PIL raises a dozen kinds of error on a broken file
+
+def _written(root:Path) -> dict:
+    "Boxes, by path, of the images `root` already holds: from its journal, or from its CSVs when it is complete."
+    if (root/JOURNAL).is_file():
+        done = {}
+        for line in (root/JOURNAL).read_text().splitlines():
+            try: path, boxes = json.loads(line)
+            except ValueError: continue  # the last line of a killed run may be cut short
+            done[path] = boxes
+        return done
+    if not all((root/c).is_file() for c in CSVS): return {}
+    paths = [p for s in ('train', 'valid') for p in (root/f'{s}_image_paths.csv').read_text().splitlines()]
+    done = {p: [] for p in paths}
+    for b in pd.read_csv(root/'lesion_boxes.csv').itertuples(index=False):
+        done.get(b.path, []).append([int(b.x0), int(b.y0), int(b.x1), int(b.y1), b.kind])
+    return done
+
+# %% ../nbs/01_synth.ipynb #520c5885
+def _resume(root:Path, settings:dict) -> dict:
+    "Boxes of the whole images an earlier `make_mura` with `settings` left in `root`; another set's folder is refused."
+    stray = lambda p: p.name.startswith('.') and p.name.endswith('.tmp')  # left by a kill inside `atomic_write`
+    if root.is_dir() and not all(map(stray, root.iterdir())):
+        try: old = json.loads((root/SETTINGS_FILE).read_text())
+        except (OSError, ValueError): old = None
+        if old != settings:
+            say = lambda s: ', '.join(f'{k}={v}' for k, v in s.items() if k != 'format')
+            made = f"made with {say(old)}" if isinstance(old, dict) else f"without a {SETTINGS_FILE}"
+            raise FileExistsError(f"{root} is not empty: it holds a set {made}, not {say(settings)}. Pass those "
+                                  "settings to finish it, choose an empty `dest`, or delete that folder first.")
+    root.mkdir(parents=True, exist_ok=True)
+    for p in root.rglob('.*.tmp'): p.unlink()
+    with atomic_write(root/SETTINGS_FILE) as t: t.write_text(json.dumps(settings, indent=1) + '\n')
+    return {p: b for p, b in _written(root).items() if _png_complete(root.parent/p)}
 
 # %% ../nbs/01_synth.ipynb #141887ab
 def make_mura(dest:Path|str, # folder to write `MURA-v1.1/` into
@@ -475,17 +568,19 @@ def make_mura(dest:Path|str, # folder to write `MURA-v1.1/` into
               rgb_rate:float=.03, # share of images saved as RGB (grey in three channels)
               progress:bool=True, # show a progress bar
              ) -> Path:
-    "Write a synthetic dataset in the MURA-v1.1 layout under `dest` and return the `MURA-v1.1` folder."
-    plan = plan_mura(n_patients, seed)
+    "Write, or finish writing, a synthetic dataset in the MURA-v1.1 layout under `dest`; return the `MURA-v1.1` folder."
+    settings = synth_settings(n_patients, size, seed, rgb_rate)
+    if not (isinstance(n_workers, numbers.Integral) and n_workers >= 0):
+        raise ValueError(f"make_mura: n_workers={n_workers!r}: need a whole number >= 0.")
     root = Path(dest)/'MURA-v1.1'
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty; choose an empty `dest` or delete that folder first.")
-    jobs = [(str(Path(dest)), size, seed, rgb_rate, r) for r in plan.to_dict('records')]
-    bar = dict(total=len(jobs), disable=not progress, desc=f'synthetic MURA ({len(jobs)} images)')
-    if n_workers > 1:
-        with ProcessPoolExecutor(n_workers) as ex: boxes = list(tqdm(ex.map(_write_image, jobs, chunksize=16), **bar))
-    else: boxes = [_write_image(j) for j in tqdm(jobs, **bar)]
-    _write_csvs(root, plan, [b for bs in boxes for b in bs])
+    done, plan = _resume(root, settings), plan_mura(n_patients, seed)
+    jobs = [(str(Path(dest)), size, seed, rgb_rate, r) for r in plan.to_dict('records') if r['path'] not in done]
+    desc = f"synthetic MURA ({len(jobs)} images)" + (f", {len(done)} already written" if done else '')
+    with open(root/JOURNAL, 'a') as journal:
+        for path, boxes in _rendered(jobs, n_workers, desc, progress):
+            done[path] = boxes; journal.write(json.dumps([path, boxes]) + '\n'); journal.flush()
+    _write_csvs(root, plan, [(p, *b) for p in plan.path for b in done[p]])
+    (root/JOURNAL).unlink()
     return root
 
 # %% ../nbs/01_synth.ipynb #0dc2c117

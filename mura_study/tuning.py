@@ -25,7 +25,6 @@ from fastcore.script import call_parse
 
 from . import core
 from .core import *
-from .synth import make_mura
 from .data import read_mura, protocol, mura_dataloaders
 from .learner import ARCHS, DEFAULT_LR, mura_learner, train, evaluate, study_frame, binary_metrics, bootstrap_weights
 
@@ -263,12 +262,8 @@ def run_images(data_path:str|Path|None=None, # a MURA-v1.1 folder (or its parent
                protocol_name:str='official', # `data.protocol` name
                seed:int=0, # seed of the synthetic set and the split
               ) -> pd.DataFrame:
-    "The run's images cut by the protocol: `data_path`, or the synthetic set written on first use."
-    if data_path: root = Path(data_path)
-    else:
-        prof, dest = core.profile(profile), run_dir(name)/'synthetic'
-        root = dest/'MURA-v1.1'
-        if not (root/'lesion_boxes.csv').exists(): root = make_mura(dest, prof.n_patients, prof.synth_side, seed, progress=False)
+    "The run's images cut by the protocol: `data_path`, or the run's synthetic set (`core.run_data`)."
+    root = run_data(run_dir(name), core.profile(profile), data_path or None, seed)
     return protocol(read_mura(root, progress=False), protocol_name, seed=seed)
 
 # %% ../nbs/04_tuning.ipynb #32d5f9db
@@ -351,7 +346,8 @@ def tuning_figures(study:optuna.Study, # a finished (or running) study
                 ax = plot(study)
         except (ValueError, RuntimeError) as e: out[stem] = f"not drawn: {e}"; continue
         fig = np.asarray(ax).flat[0].figure
-        fig.savefig(Path(dest)/f'{stem}.png', dpi=110, bbox_inches='tight'); out[stem] = Path(dest)/f'{stem}.png'
+        with atomic_write(Path(dest)/f'{stem}.png') as t: fig.savefig(t, format='png', dpi=FIGURE_DPI, bbox_inches='tight')
+        out[stem] = Path(dest)/f'{stem}.png'
     return out
 
 # %% ../nbs/04_tuning.ipynb #401d1609

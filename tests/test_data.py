@@ -9,7 +9,8 @@ from PIL import Image
 
 from mura_study import data
 from mura_study.data import (MuraError, LeakageError, read_mura, read_boxes, protocol, patient_split, check_leakage,
-                             leakage_report, load_grey, to_batch, grey_cache, mura_dataloaders, offline_copy, summary)
+                             leakage_report, load_grey, to_batch, grey_cache, mura_dataloaders, offline_copy, summary,
+                             problems)
 from mura_study.synth import make_mura
 
 # A tiny hand-made MURA-v1.1 tree: (split, body part, patient, study number, label, views)
@@ -58,7 +59,7 @@ def read_both(mura):
     "The error of on_error='raise' and the problems of on_error='skip'."
     with pytest.raises(MuraError) as e: read_mura(mura, progress=False)
     df = read_mura(mura, on_error='skip', progress=False)
-    return str(e.value), df, df.attrs['problems']
+    return str(e.value), df, problems(df)
 
 
 def n_image_lines(mura):
@@ -79,7 +80,7 @@ def synth_df(synth):
 
 def test_clean_tree_reads_every_image_with_the_contract_columns(mura):
     df = read_mura(mura, progress=False)
-    assert len(df) == 7 and len(df.attrs['problems']) == 0
+    assert len(df) == 7 and df.attrs['problems'] == [] and len(problems(df)) == 0
     assert list(df.columns[:7]) == ['path', 'split', 'body_part', 'patient', 'study', 'view', 'label']
     assert df.path.map(lambda p: Path(p).is_absolute()).all()
     assert df.study.nunique() == 4 and df.study[0] == 'train/XR_WRIST/patient00001/study1_positive'
@@ -97,7 +98,10 @@ def test_summary_counts_images_by_split_body_part_and_label(mura):
 
 def test_missing_csv_names_the_file(mura):
     (mura/'valid_labeled_studies.csv').unlink()
-    with pytest.raises(FileNotFoundError, match='valid_labeled_studies.csv is missing'): read_mura(mura, progress=False)
+    msg, df, probs = read_both(mura)
+    assert 'valid_labeled_studies.csv: file not found' in msg and 'restore it from the MURA-v1.1 archive' in msg
+    assert probs.kind.tolist() == ['missing_csv', 'no_label', 'no_label', 'empty_split']  # valid: no image left
+    assert probs.line.isna().tolist() == [True, False, False, True] and len(df) == 5
 
 
 def test_not_a_mura_folder_says_what_to_pass(tmp_path):
@@ -209,7 +213,7 @@ def test_skip_mode_lists_every_dropped_image(mura):
     first_image(mura).unlink()
     set_csv(mura, 'train_image_paths.csv', imgs + [imgs[1], 'garbage', '/abs/x.png'])
     df = read_mura(mura, on_error='skip', progress=False)
-    probs = df.attrs['problems']
+    probs = problems(df)
     assert len(df) + len(probs) == n_image_lines(mura)
     assert sorted(probs.kind) == ['duplicate', 'escapes_root', 'malformed', 'missing']
 
@@ -228,7 +232,7 @@ def test_image_modes_load_as_grey(mura, mode):
     im = Image.fromarray(grey.astype(np.uint16) * 257) if mode == 'I;16' else Image.fromarray(grey).convert(mode)
     f = first_image(mura); im.save(f)
     assert Image.open(f).mode == mode
-    df = read_mura(mura, check_images='load', progress=False)
+    df = read_mura(mura, check_images='decode', progress=False)
     assert len(df) == 7
     out = np.asarray(load_grey(f, 24), dtype=float)
     ref = np.asarray(load_grey_from(Image.fromarray(grey), f.parent/'ref.png'), dtype=float)
@@ -238,6 +242,27 @@ def test_image_modes_load_as_grey(mura, mode):
 def load_grey_from(im, f):
     im.save(f)
     return load_grey(f, 24)
+
+
+def interlaced_png(f, a):
+    "An Adam7-interlaced 8-bit grey PNG of `a` (PIL cannot write one), built pass by pass."
+    import struct, zlib
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    raw = b''.join(b'\x00' + row.tobytes() for x, y, dx, dy in passes for row in a[y::dy, x::dx] if row.size)
+    chunk = lambda c, d: struct.pack('>I', len(d)) + c + d + struct.pack('>I', zlib.crc32(c + d))
+    ihdr = struct.pack('>IIBBBBB', a.shape[1], a.shape[0], 8, 0, 0, 0, 1)
+    f.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+
+
+@pytest.mark.parametrize('mode', ['1', 'L', 'LA', 'RGB', 'RGBA', 'P', 'P4', 'I;16', 'interlaced'])
+def test_the_full_decode_check_passes_every_valid_png(tmp_path, mode):
+    a = (np.arange(37 * 23) * 7 % 256).astype(np.uint8).reshape(23, 37)  # odd sizes: partial bytes and passes
+    f = tmp_path/'x.png'
+    if mode == 'interlaced': interlaced_png(f, a); assert np.array_equal(np.asarray(Image.open(f)), a)
+    elif mode == 'P4': Image.fromarray(a // 16).convert('P').save(f, bits=4)
+    elif mode == 'I;16': Image.fromarray(a.astype(np.uint16) * 257).save(f)
+    else: Image.fromarray(a).convert(mode).save(f)
+    assert data._probe(str(f), 'decode') == (37, 23, None)
 
 
 def test_32_bit_grey_loads(tmp_path):
@@ -288,7 +313,7 @@ def test_protocols_official_and_clean_pass_paper_leaks(synth_df):
 
 
 def test_paper_subset_takes_5107_in_proportion_when_there_are_more(synth_df):
-    df = synth_df.copy(); df.attrs = {}  # pandas cannot concatenate frames that all carry a DataFrame in attrs
+    df = synth_df
     big = pd.concat([df.assign(path=df.path + f'#{k}', patient=df.patient + f'_{k}') for k in range(6000 // len(df) + 1)], ignore_index=True)
     sub = data.paper_subset(big, seed=0)
     assert len(sub) == 5107
@@ -297,7 +322,7 @@ def test_paper_subset_takes_5107_in_proportion_when_there_are_more(synth_df):
 
 
 def test_protocols_survive_a_frame_with_problems_attr(synth_df):
-    df = synth_df.copy(); df.attrs['problems'] = pd.DataFrame(dict(path=['x'], problem=['y']))
+    df = synth_df.copy(); df.attrs['problems'] = [dict(path='x', problem='y', kind='missing', file='f.csv', line=1)]
     out = protocol(df, 'paper_clean', seed=0, n_images=50)
     assert 'problems' not in out.attrs and out.merge(out[['path']].drop_duplicates()).shape[0] == len(out)
 
@@ -321,6 +346,47 @@ def test_cache_detects_a_stale_file_and_rebuilds(mura, tmp_path):
     c2 = grey_cache(df.path, 16, tmp_path/'cache', progress=False)
     assert c2.status == "rebuilt" and c2.get(df.path[0])[8, 8] == 255  # white now, not the old noise
     assert np.array_equal(c2.get(df.path[0]), np.asarray(load_grey(df.path[0], 16)))
+
+
+def test_a_partial_cache_of_a_build_still_running_is_left_alone(mura, tmp_path):
+    import fcntl
+    df = read_mura(mura, progress=False)
+    c = grey_cache(df.path, 16, tmp_path/'cache', progress=False)
+    live, dead = (c.file.with_name(f'{c.file.stem}.{k}.partial.npy') for k in ('live', 'dead'))
+    live.write_bytes(b'x'); dead.write_bytes(b'x')
+    with open(live, 'r+b') as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # what a running build holds
+        assert grey_cache(df.path, 16, tmp_path/'cache', progress=False).status == 'reused'
+        assert live.exists() and not dead.exists()
+
+
+def test_cache_build_checks_free_space_first(mura, tmp_path, monkeypatch):
+    df = read_mura(mura, progress=False)
+    usage = data.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(data.shutil, 'disk_usage', lambda p: usage._replace(free=data.CACHE_MARGIN))
+    with pytest.raises(OSError, match=f'No room for the grey cache in {tmp_path/"cache"}: it needs 16.0 MiB'):
+        grey_cache(df.path, 16, tmp_path/'cache', progress=False)
+    assert list((tmp_path/'cache').iterdir()) == []
+
+
+def test_default_image_check_follows_on_error(mura, monkeypatch):
+    seen = []
+    real = data._probe
+    monkeypatch.setattr(data, '_probe', lambda p, check: (seen.append(check), real(p, check))[1])
+    read_mura(mura, progress=False); read_mura(mura, on_error='skip', progress=False)
+    read_mura(mura, on_error='skip', check_images='exists', progress=False)
+    assert seen == ['verify'] * 7 + ['decode'] * 7 + ['exists'] * 7
+    with pytest.raises(ValueError, match="use one of decode, verify, exists"): read_mura(mura, check_images='load')
+
+
+def test_problems_are_plain_records_and_a_table(mura):
+    first_image(mura).unlink()
+    df = read_mura(mura, on_error='skip', progress=False)
+    rec = df.attrs['problems']
+    assert isinstance(rec, list) and rec[0]['kind'] == 'missing' and rec[0]['line'] == 1
+    t = problems(df)
+    assert list(t.columns) == ['path', 'problem', 'kind', 'file', 'line'] and str(t.line.dtype) == 'Int64'
+    assert t.file[0] == 'train_image_paths.csv' and len(problems(pd.DataFrame())) == 0
 
 
 def test_dataloaders_give_grey_float_batches_and_int_labels(synth_df, tmp_path):

@@ -147,7 +147,7 @@ def test_overlay_grid_draws_cases_by_methods(model, tmp_path):
     p = tmp_path/'a.png'; Image.fromarray(np.full((SIZE, SIZE), 90, np.uint8)).save(p)
     cases = pd.DataFrame(dict(path=[str(p)]*2, case=['TP', 'FN'], body_part=['WRIST', 'HAND'], prob=[.9, .1]))
     fig = overlay_grid(model, cases, lime_samples=20, out=tmp_path/'grid.png', progress=False)
-    assert len(fig.axes) == 8 and (tmp_path/'grid.png').stat().st_size > 0
+    assert len(fig.axes) == 8 + 1 and (tmp_path/"grid.png").stat().st_size > 0  # 2 cases x 4 columns, and the colour bar
 
 class CostModel(nn.Module):
     "A model whose call costs `per_call` seconds plus `per_image` seconds for each image beyond `cheap` in the batch."

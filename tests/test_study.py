@@ -10,15 +10,6 @@ from mura_study import study
 CLI = str(Path(sys.executable).parent / "mura-study")
 
 
-@pytest.fixture(scope="module")
-def ci_run(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "MURA_STUDY_RUNS": str(runs)}
-    out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "ci"], env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return runs / "ci", out.stdout
-
-
 def test_every_chapter_finished(ci_run):
     rd, _ = ci_run
     names = [nb.name for nb in study.chapters()]

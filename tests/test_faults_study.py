@@ -1,0 +1,167 @@
+"""Faults at the command line and in a run: two writers, bad values, a read-only disk, a run killed at every stage."""
+import os, signal, subprocess, sys, time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mura_study import core, study
+
+CLI = str(Path(sys.executable).parent / "mura-study")
+
+
+def _cli(tmp_path, *args, timeout=120, **popen):
+    env = {**os.environ, "MURA_STUDY_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([CLI, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def _hold(rd: Path, command: str) -> subprocess.Popen:
+    "A process that holds run `rd`'s writer lock until killed."
+    code = f"import time; from mura_study.core import run_lock; run_lock({str(rd)!r}, {command!r}); print('held', flush=True); time.sleep(600)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+# --- two writers -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["train", "--profile", "ci", "--name", "busy"],
+                                  ["reproduce", "--profile", "ci", "--name", "busy", "--no-html"]])
+def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path, args):
+    holder = _hold(core.run_dir("busy", root=tmp_path / "runs"), "train --name busy --lr 0.1")
+    try:
+        t0 = time.perf_counter(); out = _cli(tmp_path, *args); secs = time.perf_counter() - t0
+    finally: holder.kill(); holder.wait()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"being written by process {holder.pid} (train --name busy --lr 0.1)" in out.stderr
+    assert secs < 30 and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs" / "busy" / "data").exists(), "the second writer generated data"
+
+
+def test_a_lock_left_by_a_killed_writer_does_not_block_the_next(tmp_path):
+    rd = core.run_dir("killed", root=tmp_path / "runs")
+    holder = _hold(rd, "reproduce")
+    holder.send_signal(signal.SIGKILL); holder.wait()
+    out = subprocess.run([sys.executable, "-c", f"from mura_study.core import run_lock; run_lock({str(rd)!r}); print('ok')"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_two_workers_starting_a_new_run_share_one_synthetic_set(tmp_path):
+    code = ("import sys; from mura_study import core; "
+            f"print(core.run_data(core.run_dir('shared', root={str(tmp_path)!r}), core.profile('ci')))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    assert outs[0][0] == outs[1][0]
+    mura = Path(outs[0][0].strip())
+    listed = sum(len((mura / f"{s}_image_paths.csv").read_text().split()) for s in ("train", "valid"))
+    assert listed > 0 and len(list(mura.rglob("*.png"))) == listed
+
+
+def test_tune_workers_draw_their_own_sampler_seed_unless_given():
+    assert study._parser().parse_args(["tune"]).seed is None
+    assert study._parser().parse_args(["tune", "--seed", "3"]).seed == 3
+    assert study._parser().parse_args(["train"]).seed == 0
+
+
+# --- values checked before any work ------------------------------------------------------------------------------
+
+BAD_VALUES = [
+    (["train", "--epochs", "0"], "--epochs"), (["train", "--epochs", "-1"], "--epochs"), (["train", "--bs", "0"], "--bs"),
+    (["train", "--size", "0"], "--size"), (["train", "--lr", "nan"], "--lr"), (["train", "--lr", "inf"], "--lr"),
+    (["train", "--lr", "-0.1"], "--lr"), (["train", "--lr", "0"], "--lr"), (["synth", "x", "--patients", "0"], "--patients"),
+    (["synth", "x", "--size", "-5"], "--size"), (["explain", "m", "i.png", "--lime-samples", "0"], "--lime-samples"),
+    (["bench", "--only", "nothing"], "--only"), (["tune", "--n-trials", "0"], "--n-trials"),
+    (["train", "--profile", "huge"], "--profile"),
+]
+
+
+@pytest.mark.parametrize("args,names", BAD_VALUES)
+def test_a_bad_value_is_one_line_and_status_2_before_any_work(tmp_path, args, names):
+    out = _cli(tmp_path, *args, "--name", "bad") if args[0] in ("train", "tune") else _cli(tmp_path, *args)
+    assert out.returncode == 2, (args, out.stderr[-1500:])
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0] and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.png")), "data was generated"
+
+
+@pytest.mark.parametrize("args,says", [
+    (["train", "--arch", "resnet50", "--name", "bad"], "unknown architecture 'resnet50'"),
+    (["evaluate", "no/such/model"], "no/such/model"),
+    (["check-data", "no/such/folder"], "No MURA-v1.1/train_image_paths.csv"),
+    (["reproduce", "--profile", "paper", "--name", "bad"], "needs real data"),
+    (["results", "--name", "never-run"], "is not finished"),
+])
+def test_a_user_error_is_one_line_and_status_2(tmp_path, args, says):
+    out = _cli(tmp_path, *args)
+    assert out.returncode == 2, (args, out.stdout[-1000:], out.stderr[-1500:])
+    assert says in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not any((tmp_path / "runs").rglob("*.png")), "data was generated"
+
+
+def test_a_read_only_run_root_stops_the_run_before_it_starts(tmp_path):
+    ro = tmp_path / "ro"; ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("mounting a read-only tmpfs needs root and a mount namespace that allows it")
+    try:
+        env = {**os.environ, "MURA_STUDY_RUNS": str(ro / "runs")}
+        out = subprocess.run([CLI, "reproduce", "--profile", "ci"], env=env, capture_output=True, text=True, timeout=120)
+    finally: subprocess.run(["umount", str(ro)])
+    assert out.returncode == 2 and "cannot create the run folder" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+# --- a run killed at every stage, then finished: the same tables as a run never killed ------------------------------
+
+STAGES = [  # (stage, the condition on which reproduce is killed)
+    ("data generation", lambda rd, log: len(list((rd / "data").rglob("*.png"))) >= 20),
+    ("cache build", lambda rd, log: "02_data: running" in log and any((rd / "cache").glob("*"))),
+    ("training", lambda rd, log: "03_learner: running" in log and any((rd / "models").rglob("*.safetensors"))),
+    ("tuning", lambda rd, log: "04_tuning: running" in log and (rd / "tuning.db").exists()),
+    ("explanation", lambda rd, log: "05_interpret: running" in log),
+]
+def _timing(col: str) -> bool:
+    "Columns that measure time (or are chosen by timing: the fastest batch size), not results."
+    return "latency" in col or "datetime" in col or col in ("duration", "seconds", "best_bs") or col.endswith(("_ms", "_s"))
+
+
+def _kill_when(rd: Path, env: dict, when) -> str:
+    "Start `reproduce --profile ci` on `rd`, SIGKILL its whole process group once `when(rd, stdout)` holds."
+    log = rd.parent / f"{rd.name}.log"
+    with open(log, "w") as fh:
+        p = subprocess.Popen([CLI, "reproduce", "--profile", "ci", "--name", rd.name, "--no-html"], env=env, stdout=fh,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 600
+        while p.poll() is None and time.time() < deadline and not when(rd, log.read_text()): time.sleep(0.2)
+        killed = p.poll() is None
+        if killed: os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    return "killed" if killed else f"ended by itself ({p.returncode})"
+
+
+def _tables(rd: Path) -> dict:
+    out = {}
+    for f in sorted((rd / "tables").glob("*.csv")):
+        if f.stem == "chapter_times" or f.stem.endswith("benchmark"): continue  # timings, not results
+        df = pd.read_csv(f)
+        if f.stem == "tuning_trials":  # a killed trial stays behind as FAIL and the trials after it are renumbered
+            df = df[df.state.isin(["COMPLETE", "PRUNED"])].drop(columns="number").reset_index(drop=True)
+        out[f.stem] = df[[c for c in df.columns if not _timing(c)]]
+    return out
+
+
+@pytest.mark.timeout(1500)
+def test_a_run_killed_at_every_stage_ends_as_one_never_killed(ci_run, tmp_path):
+    rd = tmp_path / "runs" / "ci"; rd.parent.mkdir()
+    env = {**os.environ, "MURA_STUDY_RUNS": str(rd.parent)}
+    what = {stage: _kill_when(rd, env, when) for stage, when in STAGES}
+    assert all(v == "killed" for v in what.values()), what
+    out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "ci", "--no-html"], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert study.missing_outputs(rd) == []
+    assert not list(rd.rglob("*.partial*")), "a partial file survived"
+    ref, got = _tables(ci_run[0]), _tables(rd)
+    assert ref.keys() == got.keys()
+    for stem in ref: pd.testing.assert_frame_equal(got[stem], ref[stem], obj=stem)
