@@ -697,7 +697,8 @@ def plot_confusion(results:dict, # {model name: `evaluate` result}
             d = res[level]
             cm = confusion_matrix(d.label, d.prob > 0.5, labels=[0, 1])
             ax.imshow(cm, cmap='Blues')
-            for (i, j), v in np.ndenumerate(cm): ax.text(j, i, str(v), ha='center', va='center', color='black')
+            for (i, j), v in np.ndenumerate(cm):
+                ax.text(j, i, str(v), ha='center', va='center', color='white' if v > cm.max()/2 else 'black')
             ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=['normal', 'abnormal'], yticklabels=['normal', 'abnormal'],
                    xlabel='predicted', ylabel='actual', title=f"{name}: {level}")
     fig.tight_layout()
@@ -884,6 +885,7 @@ def plot_metric_bars(results:dict, # {model name: `evaluate` result}
         ax.bar(x, d.value, width, label=name, yerr=[d.value - d.lo, d.hi - d.value], capsize=3)
     ax.set(xticks=np.arange(len(metrics)) + width*(len(results) - 1)/2, xticklabels=list(metrics), ylim=(min(0, t.lo.min()), 1.05),
            ylabel=f'{level}-level value (95% CI)')
+    ax.set_title(f'{level.capitalize()}-level metrics on the test set, 95% bootstrap intervals', fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
@@ -899,9 +901,9 @@ def kappa_by_body_part(results:dict, # {model name: `evaluate` result}
 
 def plot_kappa_heatmap(table:pd.DataFrame) -> plt.Figure:
     "Heatmap of `kappa_by_body_part`."
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9*table.shape[1], 1 + 0.5*table.shape[0]))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9*table.shape[1], max(2.6, 1.4 + 0.5*table.shape[0])))  # room for the colour bar
     sns.heatmap(table.astype(float), annot=True, fmt='.2f', vmin=-0.2, vmax=1, cmap='viridis', ax=ax, cbar_kws=dict(label="Cohen's kappa"))
-    ax.set(xlabel='', ylabel='')
+    ax.set(xlabel='', ylabel='', title="Study-level Cohen's kappa per body part, test set")
     fig.tight_layout()
     plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
@@ -917,7 +919,8 @@ def plot_efficiency(eff:pd.DataFrame, # from `efficiency_table`
         e = eff.loc[key]
         ax.errorbar(e.latency_ms, f1.value, yerr=[[f1.value - f1.lo], [f1.hi - f1.value]], fmt='o', capsize=3, ms=4 + np.sqrt(e.params_M))
         ax.annotate(f"{e.paper_name}\n{e.params_M:.1f} M, {e.gflops:.2f} GFLOPs", (e.latency_ms, f1.value), fontsize=8, xytext=(6, 4), textcoords='offset points')
-    ax.set(xscale='log', ylim=(-0.02, 1.02), xlabel='CPU latency per image (ms, best batch size)', ylabel='study-level F1 (95% CI)')
+    ax.set(xscale='log', ylim=(-0.02, 1.02), xlabel='CPU latency per image (ms, best batch size)', ylabel='study-level F1 (95% CI)',
+           title='F1 against inference cost')
     fig.tight_layout()
     plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig

@@ -622,6 +622,7 @@ def example_grid(root:Path, # a `MURA-v1.1` folder written by `make_mura`
             for b in boxes[boxes.path == p].itertuples():
                 ax.add_patch(mpatches.Rectangle((b.x0, b.y0), b.x1-b.x0, b.y1-b.y0, fill=False, ec='yellow' if b.kind == 'hardware' else 'red', lw=1))
             ax.set_title(f"{part.lower()} {'abnormal' if d.abn.iloc[i] else 'normal'}", fontsize=8)
+    fig.suptitle('Synthetic radiographs per body part: red boxes mark findings, yellow boxes hardware', fontsize=10)
     fig.tight_layout()
     plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
