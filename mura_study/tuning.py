@@ -345,7 +345,9 @@ def tuning_figures(study:optuna.Study, # a finished (or running) study
                 warnings.simplefilter('ignore', ExperimentalWarning)  # optuna marks its matplotlib plots experimental
                 ax = plot(study)
         except (ValueError, RuntimeError) as e: out[stem] = f"not drawn: {e}"; continue
-        fig = np.asarray(ax).flat[0].figure
+        grid = np.asarray(ax)
+        fig = grid.flat[0].figure
+        if grid.ndim == 2: fig.set_size_inches(3.2*grid.shape[1] + 1.5, 3*grid.shape[0])  # a grid of plots: room for ticks
         with atomic_write(Path(dest)/f'{stem}.png') as t: fig.savefig(t, format='png', dpi=FIGURE_DPI, bbox_inches='tight')
         out[stem] = Path(dest)/f'{stem}.png'
     return out
