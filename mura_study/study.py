@@ -92,7 +92,7 @@ class NotReady(Exception):
 def _import_problem(mod:str) -> str|None:
     try: importlib.import_module(mod)
     except Exception as e:
-        return f"cannot import {mod} ({type(e).__name__}: {e}). Fix: make install (or pip install -e . in this checkout)."
+        return f"cannot import {mod} ({type(e).__name__}: {e}). Fix: pip install -e . in this checkout (make study does)."
 
 # %% ../nbs/06_study.ipynb #55f953c3
 def _data_problem(prof:Profile, folder:str|Path|None) -> str|None:
