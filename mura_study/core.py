@@ -14,7 +14,7 @@ import torch
 
 # %% auto #0
 __all__ = ['RUN_SUBDIRS', 'DEFAULT_LR', 'PROFILES', 'FIGURE_DPI', 'project_root', 'runs_root', 'run_dir', 'seed_everything',
-           'default_device', 'Profile', 'profile', 'RunBusy', 'run_lock', 'run_data', 'atomic_write', 'save_figure',
+           'default_device', 'Profile', 'profile', 'atomic_write', 'RunBusy', 'run_lock', 'run_data', 'save_figure',
            'save_table']
 
 # %% ../nbs/00_core.ipynb #e7cda018
@@ -112,6 +112,18 @@ def profile(name:str, # one of `PROFILES`: 'ci', 'demo' or 'paper'
     if 'archs' in overrides: overrides['archs'] = tuple(overrides['archs'])
     return replace(p, **overrides)
 
+# %% ../nbs/00_core.ipynb #7fcabaad
+@contextlib.contextmanager
+def atomic_write(path:Path|str, # the file to write
+                ) -> Path:
+    "Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+
 # %% ../nbs/00_core.ipynb #85791d95
 class RunBusy(Exception):
     "Another process is writing this run folder."
@@ -130,7 +142,7 @@ def run_lock(rd:Path, # the run folder
         who = json.loads(holder.read_text()) if holder.exists() else {}
         raise RunBusy(f"run {rd.name!r} is being written by process {who.get('pid', '?')} ({who.get('command', '?')}). "
                       "Fix: wait for it to finish, or choose another run name.") from None
-    holder.write_text(json.dumps(dict(pid=os.getpid(), command=command or ' '.join(sys.argv))))
+    with atomic_write(holder) as t: t.write_text(json.dumps(dict(pid=os.getpid(), command=command or ' '.join(sys.argv))))
     _HELD[rd] = lock
     return lock
 
@@ -151,20 +163,9 @@ def run_data(rd:Path, # the run folder
         if not done.exists():
             from mura_study.synth import make_mura  # synth builds on core: imported when a set is made
             make_mura(Path(rd)/'data', n_patients=prof.n_patients, size=prof.synth_side, seed=seed)
-            done.write_text(json.dumps(dict(n_patients=prof.n_patients, size=prof.synth_side, seed=seed)))
+            with atomic_write(done) as t:  # a marker half written by a kill must not pass for a complete set
+                t.write_text(json.dumps(dict(n_patients=prof.n_patients, size=prof.synth_side, seed=seed)))
     return Path(rd)/'data'/'MURA-v1.1'
-
-# %% ../nbs/00_core.ipynb #7fcabaad
-@contextlib.contextmanager
-def atomic_write(path:Path|str, # the file to write
-                ) -> Path:
-    "Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
 
 # %% ../nbs/00_core.ipynb #fded71f2
 FIGURE_DPI = 120
