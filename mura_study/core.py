@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #000f39c6
 from __future__ import annotations
-import contextlib, json, os, random, re, sys
+import contextlib, json, os, random, re, sys, time
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 
@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['RUN_SUBDIRS', 'DEFAULT_LR', 'PROFILES', 'FIGURE_DPI', 'project_root', 'runs_root', 'run_dir', 'seed_everything',
-           'default_device', 'Profile', 'profile', 'atomic_write', 'RunBusy', 'run_lock', 'run_data', 'save_figure',
-           'save_table']
+__all__ = ['RUN_SUBDIRS', 'DEFAULT_LR', 'PROFILES', 'FIGURE_DPI', 'BENCHMARKS', 'project_root', 'runs_root', 'run_dir',
+           'seed_everything', 'default_device', 'Profile', 'profile', 'atomic_write', 'RunBusy', 'run_lock', 'run_data',
+           'save_figure', 'save_table', 'Timer', 'seconds', 'torch_threads']
 
 # %% ../nbs/00_core.ipynb #e7cda018
 def project_root(start:Path|str|None=None, # folder to search upwards from (default: the working directory)
@@ -186,3 +186,34 @@ def save_table(df, # a pandas DataFrame
     "Write `df` to `rd/tables/<name>.csv` atomically; return the path."
     with atomic_write(Path(rd)/'tables'/f'{name}.csv') as t: df.to_csv(t, index=index)
     return Path(rd)/'tables'/f'{name}.csv'
+
+# %% ../nbs/00_core.ipynb #d548593b
+class Timer:
+    "Wall-clock seconds of a `with` block, CUDA work included: `with Timer() as t: ...`, then `t.seconds`."
+    def __enter__(self):
+        if torch.cuda.is_available(): torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available(): torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+# %% ../nbs/00_core.ipynb #d2643f7e
+def seconds(f, *args, **kwargs) -> float:
+    "Wall-clock seconds of one call `f(*args, **kwargs)`, timed by `Timer`."
+    with Timer() as t: f(*args, **kwargs)
+    return t.seconds
+
+# %% ../nbs/00_core.ipynb #4288f92d
+@contextlib.contextmanager
+def torch_threads(n:int|None, # torch CPU threads inside the block; None: leave the count as it is
+                 ):
+    "Run the block with `n` torch threads, restoring the previous count afterwards."
+    before = torch.get_num_threads()
+    if n: torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(before)
+
+# %% ../nbs/00_core.ipynb #61ff8d26
+BENCHMARKS = ('synth', 'data', 'learner', 'interpret')

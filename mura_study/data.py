@@ -37,10 +37,10 @@ from .synth import BODY_PARTS, make_mura
 __all__ = ['SPLITS', 'VOCAB', 'COLUMNS', 'MURA_CSVS', 'PROBLEM_COLUMNS', 'CHECKS', 'PAPER_IMAGES', 'PROTOCOLS', 'GREY_MEAN',
            'GREY_STD', 'CACHE_VERSION', 'CACHE_MARGIN', 'BOX_COLUMNS', 'MuraError', 'mura_folder', 'read_mura',
            'problems', 'summary', 'patient_split', 'leakage_report', 'LeakageError', 'check_leakage', 'paper_subset',
-           'with_copies', 'protocol', 'to_grey', 'pad_square', 'load_grey', 'channel_cost', 'GreyCache', 'grey_cache',
-           'Augment', 'shear_mat', 'RotateShear', 'RandomBlur', 'SaltPepper', 'augment_tfms', 'pil_augment',
-           'offline_copy', 'to_batch', 'GreyItem', 'label_name', 'GreyDL', 'mura_dataloaders', 'read_boxes',
-           'bench_loader', 'plot_counts', 'plot_image_sizes', 'augmentation_gallery', 'plot_batch']
+           'with_copies', 'protocol', 'to_grey', 'pad_square', 'load_grey', 'GreyCache', 'grey_cache', 'Augment',
+           'shear_mat', 'RotateShear', 'RandomBlur', 'SaltPepper', 'augment_tfms', 'pil_augment', 'offline_copy',
+           'to_batch', 'GreyItem', 'label_name', 'GreyDL', 'MuraDataLoaders', 'mura_dataloaders', 'read_boxes',
+           'plot_counts', 'plot_image_sizes', 'augmentation_gallery', 'plot_batch']
 
 # %% ../nbs/02_data.ipynb #07e3f23d
 SPLITS = ('train', 'valid')
@@ -456,30 +456,6 @@ def load_grey(path:Path|str, # an image file
         raise OSError(f"Cannot read image {path}: {type(e).__name__}: {e}. Fix: restore the file, or read the "
                       "dataset with read_mura(..., on_error='skip') to leave unreadable images out.") from e
 
-# %% ../nbs/02_data.ipynb #78484b3f
-def channel_cost(arch:str='mobilenetv2_100', # a timm model id
-                 size:int=224, # input side
-                 bs:int=8, # batch size
-                 reps:int=3, # timed forward passes (best one kept)
-                 threads:int|None=1, # torch threads while timing (restored after); None: leave as is
-                ) -> pd.DataFrame:
-    "Parameters, input batch size (MB) and forward time of `arch` with 1 vs 3 input channels."
-    before = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try: return _channel_cost(arch, size, bs, reps)
-    finally: torch.set_num_threads(before)
-
-def _channel_cost(arch, size, bs, reps) -> pd.DataFrame:
-    rows = []
-    for c in (1, 3):
-        m, x = timm.create_model(arch, pretrained=False, in_chans=c, num_classes=2).eval(), torch.randn(bs, c, size, size)
-        with torch.inference_mode():
-            m(x); ts = []
-            for _ in range(reps): t = time.perf_counter(); m(x); ts.append(time.perf_counter() - t)
-        rows.append(dict(in_chans=c, params=sum(p.numel() for p in m.parameters()), batch_MB=round(x.numel() * 4 / 2**20, 2),
-                         forward_ms=round(1000 * min(ts), 1)))
-    return pd.DataFrame(rows).set_index('in_chans')
-
 # %% ../nbs/02_data.ipynb #b4f33a57
 CACHE_VERSION = 1  # bump when load_grey changes: every cache is then rebuilt
 CACHE_MARGIN = 16 * 2**20  # bytes a cache build leaves free beside it, for the run's tables, models and logs
@@ -768,6 +744,13 @@ def _sets(df:pd.DataFrame) -> tuple:
     if not len(tr) or not len(va): raise ValueError(f"`set` has {len(tr)} 'train' and {len(va)} 'valid' rows; both are needed.")
     return list(tr), list(va)
 
+# %% ../nbs/02_data.ipynb #d7d961cd
+class MuraDataLoaders(DataLoaders):
+    "fastai's `DataLoaders`, whose `test_dl` (and so fastai's `learn.predict`) also takes image files, not only rows."
+    def test_dl(self, test_items, **kwargs):
+        items = [pd.Series(dict(path=str(p))) if isinstance(p, (str, Path)) else p for p in test_items]
+        return super().test_dl(items, **kwargs)
+
 # %% ../nbs/02_data.ipynb #856edeb9
 def mura_dataloaders(df:pd.DataFrame, # rows with `set` ('train'/'valid'; 'test' is left out), `path`, `label`
                      size:int=224, # side of the square model input
@@ -788,7 +771,9 @@ def mura_dataloaders(df:pd.DataFrame, # rows with `set` ('train'/'valid'; 'test'
     dsets = Datasets(df, tfms=[[GreyItem(size, cache)], [label_name, Categorize(vocab=VOCAB, sort=False)]], splits=splits)
     seed_everything(seed, deterministic=False)
     after = [IntToFloatTensor(), *(augment_tfms(aug) if aug else []), Normalize.from_stats([GREY_MEAN], [GREY_STD], cuda=False)]
-    return dsets.dataloaders(bs=bs, after_batch=after, device=device or default_device(), num_workers=num_workers, **{"dl_type": GreyDL, **kwargs})
+    dls = dsets.dataloaders(bs=bs, after_batch=after, device=device or default_device(), num_workers=num_workers,
+                            **{"dl_type": GreyDL, **kwargs})
+    return MuraDataLoaders(*dls.loaders, path=dls.path, device=dls.device)
 
 # %% ../nbs/02_data.ipynb #3d95d905
 BOX_COLUMNS = ['path', 'x0', 'y0', 'x1', 'y1', 'kind']
@@ -805,52 +790,6 @@ def read_boxes(root:Path|str, # the `MURA-v1.1` folder or the folder containing 
         if _parse_path(p, _IMAGE_RE, p.split('/')[1] if p.count('/') > 1 else '', mura)[0] is None:
             raise MuraError(f"{f.name} line {i + 2}: {p!r} is not a path inside MURA-v1.1. Fix: write it as in the image CSVs.")
     return b.assign(path=[str(mura.joinpath(*p.split('/')[1:])) for p in b.path])[BOX_COLUMNS]
-
-# %% ../nbs/02_data.ipynb #64000470
-class _NaiveImages(Dataset):
-    "Per-item loading: decode, preprocess and augment with PIL, then normalise."
-    def __init__(self, df, size, aug): self.paths, self.labels, self.size, self.aug, self.rng = list(df.path), list(df.label), size, aug, np.random.default_rng(0)
-    def __len__(self): return len(self.paths)
-    def __getitem__(self, i):
-        return to_batch([pil_augment(load_grey(self.paths[i], self.size), self.aug, self.rng)])[0], self.labels[i]
-
-def _images_per_s(dl, device) -> tuple:
-    t, n = time.perf_counter(), 0
-    for x, y in dl: n += len(x.to(device))
-    if device.type == 'cuda': torch.cuda.synchronize()
-    return n, n / (time.perf_counter() - t)
-
-# %% ../nbs/02_data.ipynb #aa610e0a
-def bench_loader(root:Path|str|None=None, # a MURA-v1.1 folder; None: a synthetic set of 512 px images
-                 n_images:int=256, # training images timed per loader
-                 size:int=224, # model input side
-                 bs:int=32, # batch size
-                 seed:int=0, # seed of the synthetic set and of the loaders
-                 threads:int|None=2, # torch threads during the run (restored after); None: leave as is
-                 device:str='cpu', # where batches go: both loaders deliver there ('cuda': our transforms run on the GPU)
-                 reps:int=3, # passes over the images per loader, alternating; each loader's fastest counts
-                ) -> pd.DataFrame:
-    "Images/s into the model: naive (PNG decode + PIL augment per item) vs ours (cache + batch transforms), side by side."
-    before = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try: return _bench_loader(root, n_images, size, bs, seed, torch.device(device), reps)
-    finally: torch.set_num_threads(before)
-
-def _bench_loader(root, n_images, size, bs, seed, device, reps) -> pd.DataFrame:
-    with tempfile.TemporaryDirectory() as tmp:
-        root = root or make_mura(Path(tmp)/'data', max(20, n_images // 3), 512, seed, progress=False)
-        df = read_mura(root, progress=False).drop_duplicates('path').head(n_images + bs)
-        df = df.assign(set=['train'] * (len(df) - bs) + ['valid'] * bs)
-        naive = TorchLoader(_NaiveImages(df[df.set == 'train'], size, Augment()), batch_size=bs, shuffle=True, drop_last=True)
-        t = time.perf_counter()
-        dls = mura_dataloaders(df, size, bs, cache_dir=Path(tmp)/'cache', seed=seed, device=device, progress=False)
-        build = time.perf_counter() - t
-        dls.one_batch()  # warm-up (CUDA kernels)
-        runs = [(_images_per_s(naive, device), _images_per_s(dls.train, device)) for _ in range(max(1, reps))]
-        (n0, r0), (n1, r1) = max((r[0] for r in runs), key=lambda x: x[1]), max((r[1] for r in runs), key=lambda x: x[1])
-    return pd.DataFrame([dict(loader='naive: PNG + PIL per item', images=n0, images_per_s=round(r0, 1)),
-                         dict(loader='ours: cache + batch transforms', images=n1, images_per_s=round(r1, 1),
-                              cache_build_s=round(build, 2))]).set_index('loader').assign(ratio=[1.0, round(r1 / r0, 1)])
 
 # %% ../nbs/02_data.ipynb #6fa21739
 def _savefig(fig, out:Path|None, name:str):

@@ -22,7 +22,7 @@ from .core import *
 # %% auto #0
 __all__ = ['BODY_PARTS', 'PART_IMAGES', 'ABNORMAL_RATE', 'FINDINGS', 'ANATOMY', 'FRAME', 'FINDABLE', 'MIN_SIDE', 'SETTINGS_FILE',
            'JOURNAL', 'CSVS', 'plan_mura', 'Bone', 'patient_traits', 'study_findings', 'render_view', 'synth_settings',
-           'make_mura', 'plan_counts', 'bench_synth', 'example_grid']
+           'make_mura', 'plan_counts', 'example_grid']
 
 # %% ../nbs/01_synth.ipynb #f31ded28
 BODY_PARTS = ('ELBOW', 'FINGER', 'FOREARM', 'HAND', 'HUMERUS', 'SHOULDER', 'WRIST')
@@ -590,18 +590,6 @@ def plan_counts(plan:pd.DataFrame) -> pd.DataFrame:
     g = st.groupby(['split', 'body_part'])
     return pd.DataFrame(dict(patients=g.pid.nunique(), studies=g.size(), abnormal_studies=g.label.sum(),
                              images=plan.groupby(['split', 'body_part']).size()))
-
-# %% ../nbs/01_synth.ipynb #1f6e800a
-def bench_synth(n_patients:int=900, size:int=320, seed:int=0, n_workers:int=2) -> dict:
-    "Time writing the demo-sized dataset with `n_workers` processes and with one, in one run."
-    res = {}
-    for w in (n_workers, 0):
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter(); make_mura(d, n_patients, size, seed, n_workers=w, progress=False)
-            res[f'seconds_{max(w, 1)}_workers'] = round(time.perf_counter() - t0, 1)
-    res['images'] = len(plan_mura(n_patients, seed))
-    res['speedup'] = round(res['seconds_1_workers']/res[f'seconds_{max(n_workers, 1)}_workers'], 2)
-    return res
 
 # %% ../nbs/01_synth.ipynb #8a9834bf
 def example_grid(root:Path, # a `MURA-v1.1` folder written by `make_mura`

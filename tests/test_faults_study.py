@@ -117,9 +117,9 @@ def test_a_read_only_run_root_stops_the_run_before_it_starts(tmp_path):
 STAGES = [  # (stage, the condition on which reproduce is killed)
     ("data generation", lambda rd, log: len(list((rd / "data").rglob("*.png"))) >= 20),
     ("cache build", lambda rd, log: "02_data: running" in log and any((rd / "cache").glob("*"))),
-    ("training", lambda rd, log: "03_learner: running" in log and any((rd / "models").rglob("*.safetensors"))),
-    ("tuning", lambda rd, log: "04_tuning: running" in log and (rd / "tuning.db").exists()),
-    ("explanation", lambda rd, log: "05_interpret: running" in log),
+    ("training", lambda rd, log: "04_learner: running" in log and any((rd / "models").rglob("*.safetensors"))),
+    ("tuning", lambda rd, log: "05_tuning: running" in log and (rd / "tuning.db").exists()),
+    ("explanation", lambda rd, log: "06_interpret: running" in log),
 ]
 def _timing(col: str) -> bool:
     "Columns that measure time (or are chosen by timing: the fastest batch size), not results."

@@ -27,7 +27,7 @@ def slow_fit(params, report):
 def start_worker(url, study, n_trials, seed, tmp, seconds=0.3, heartbeat=1):
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT/'tests'), os.environ.get('PYTHONPATH', '')]),
            'TUNING_TEST_SECONDS': str(seconds), 'TUNING_TEST_LOG': str(tmp/'pids.log'), 'MURA_STUDY_RUNS': str(tmp/'runs')}
-    cmd = [sys.executable, '-m', 'mura_study.tuning', '--storage', url, '--study', study, '--n-trials', str(n_trials),
+    cmd = [str(Path(sys.executable).parent/'mura-study'), 'tune', '--storage', url, '--study', study, '--n-trials', str(n_trials),
            '--arch', 'toy', '--seed', str(seed), '--fit', 'test_tuning:slow_fit', '--heartbeat', str(heartbeat)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
