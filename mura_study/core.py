@@ -15,7 +15,7 @@ import torch
 # %% auto #0
 __all__ = ['RUN_SUBDIRS', 'DEFAULT_LR', 'PROFILES', 'FIGURE_DPI', 'BENCHMARKS', 'project_root', 'runs_root', 'run_dir',
            'seed_everything', 'default_device', 'Profile', 'profile', 'atomic_write', 'RunBusy', 'run_lock', 'run_data',
-           'save_figure', 'save_table', 'Timer', 'seconds', 'torch_threads']
+           'write_figure', 'save_figure', 'save_table', 'Timer', 'seconds', 'torch_threads']
 
 # %% ../nbs/00_core.ipynb #e7cda018
 def project_root(start:Path|str|None=None, # folder to search upwards from (default: the working directory)
@@ -167,17 +167,25 @@ def run_data(rd:Path, # the run folder
                 t.write_text(json.dumps(dict(n_patients=prof.n_patients, size=prof.synth_side, seed=seed)))
     return Path(rd)/'data'/'MURA-v1.1'
 
-# %% ../nbs/00_core.ipynb #fded71f2
-FIGURE_DPI = 120
+# %% ../nbs/00_core.ipynb #0f64c9e1
+FIGURE_DPI = 120  # one resolution for every figure of the study
 
+def write_figure(fig, # a matplotlib figure
+                 path:Path, # the PNG file to write
+                ) -> Path:
+    "Write `fig` to `path` as a PNG, atomically, at `FIGURE_DPI`; return the path."
+    with atomic_write(Path(path)) as t: fig.savefig(t, format='png', dpi=FIGURE_DPI, bbox_inches='tight')
+    return Path(path)
+
+# %% ../nbs/00_core.ipynb #0fd78de9
 def save_figure(fig, # a matplotlib figure
                 rd:Path, # the run folder
                 name:str, # file name without `.png`
                ) -> Path:
-    "Write `fig` to `rd/figures/<name>.png` atomically, at the study's one resolution; return the path."
-    with atomic_write(Path(rd)/'figures'/f'{name}.png') as t: fig.savefig(t, format='png', dpi=FIGURE_DPI, bbox_inches='tight')
-    return Path(rd)/'figures'/f'{name}.png'
+    "Write `fig` to `rd/figures/<name>.png` (`write_figure`); return the path."
+    return write_figure(fig, Path(rd)/'figures'/f'{name}.png')
 
+# %% ../nbs/00_core.ipynb #550346a1
 def save_table(df, # a pandas DataFrame
                rd:Path, # the run folder
                name:str, # file name without `.csv`
