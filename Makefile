@@ -12,7 +12,7 @@ ifneq ($(wildcard .tools/quarto/bin/quarto),)
 export PATH := $(CURDIR)/.tools/quarto/bin:$(PATH)
 endif
 
-.PHONY: study results test check-sync check-readme readme nbtest pytest docs clean-venv
+.PHONY: study results test lint check-sync check-readme readme nbtest pytest docs bench clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,11 @@ results: $(VENV)/.installed-dev
 	$(BIN)/mura-study results --name $(NAME)
 	$(MAKE) readme
 
-test: $(VENV)/.installed-dev check-sync check-readme nbtest pytest
+test: $(VENV)/.installed-dev lint check-sync check-readme nbtest pytest
+
+# ruff over the notebooks (the source), the modules and the tests; its rules and why are in pyproject.toml.
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check --no-cache .
 
 # Fails when nbdev-clean or nbdev-export would change a file: notebooks must be clean, modules exported.
 check-sync: $(VENV)/.installed-dev
@@ -76,6 +80,10 @@ pytest: $(VENV)/.installed-dev
 docs: $(VENV)/.installed-dev
 	@command -v quarto >/dev/null || echo "quarto not found: rendering each notebook with nbconvert into _docs/ instead"
 	$(BIN)/mura-study docs
+
+# Every chapter's benchmark, side by side, into results/bench.csv: the table the chapters show. Minutes on a CPU.
+bench: $(VENV)/.installed-dev
+	$(BIN)/mura-study bench
 
 clean-venv:
 	rm -rf $(VENV)

@@ -38,7 +38,8 @@ def bench_synth(n_patients:int=900, # patients of the set: 900 is the demo profi
     res = {}
     for w in (n_workers, 0):
         with tempfile.TemporaryDirectory() as d:
-            res[f'seconds_{max(w, 1)}_workers'] = round(seconds(make_mura, d, n_patients, size, seed, n_workers=w, progress=False), 1)
+            secs = seconds(make_mura, d, n_patients=n_patients, size=size, seed=seed, n_workers=w, progress=False)
+            res[f'seconds_{max(w, 1)}_workers'] = round(secs, 1)
     res['images'] = len(plan_mura(n_patients, seed))
     res['speedup'] = round(res['seconds_1_workers']/res[f'seconds_{max(n_workers, 1)}_workers'], 2)
     return res
@@ -56,18 +57,21 @@ def channel_cost(arch:str='mobilenetv2_100', # a timm model id
 def _channel_cost(arch, size, bs, reps) -> pd.DataFrame:
     rows = []
     for c in (1, 3):
-        m, x = timm.create_model(arch, pretrained=False, in_chans=c, num_classes=2).eval(), torch.randn(bs, c, size, size)
+        m = timm.create_model(arch, pretrained=False, in_chans=c, num_classes=2).eval()
+        x = torch.randn(bs, c, size, size)
         with torch.inference_mode():
             m(x)  # untimed: the first call builds the kernels
             ts = [seconds(m, x) for _ in range(reps)]
-        rows.append(dict(in_chans=c, params=sum(p.numel() for p in m.parameters()), batch_MB=round(x.numel() * 4 / 2**20, 2),
-                         forward_ms=round(1000 * min(ts), 1)))
+        rows.append(dict(in_chans=c, params=sum(p.numel() for p in m.parameters()),
+                         batch_MB=round(x.numel() * 4 / 2**20, 2), forward_ms=round(1000 * min(ts), 1)))
     return pd.DataFrame(rows).set_index('in_chans')
 
 # %% ../nbs/07_bench.ipynb #4871eb97
 class _NaiveImages(Dataset):
     "Per-item loading: decode, preprocess and augment with PIL, then normalise."
-    def __init__(self, df, size, aug): self.paths, self.labels, self.size, self.aug, self.rng = list(df.path), list(df.label), size, aug, np.random.default_rng(0)
+    def __init__(self, df, size, aug):
+        self.paths, self.labels, self.size, self.aug = list(df.path), list(df.label), size, aug
+        self.rng = np.random.default_rng(0)
     def __len__(self): return len(self.paths)
     def __getitem__(self, i):
         return to_batch([pil_augment(load_grey(self.paths[i], self.size), self.aug, self.rng)])[0], self.labels[i]
@@ -77,6 +81,25 @@ def _images_per_s(dl, device) -> tuple:
     with Timer() as t: n = sum(len(x.to(device)) for x, _ in dl)
     return n, n/t.seconds
 
+def _bench_loader(root, n_images, size, bs, seed, device, reps) -> pd.DataFrame:
+    "The measurements of `bench_loader`: the naive loader and ours, alternating, each one's fastest pass."
+    with tempfile.TemporaryDirectory() as tmp:
+        n_patients = max(20, n_images // 3)
+        root = root or make_mura(Path(tmp)/'data', n_patients=n_patients, size=512, seed=seed, progress=False)
+        df = read_mura(root, progress=False).drop_duplicates('path').head(n_images + bs)
+        df = df.assign(set=['train'] * (len(df) - bs) + ['valid'] * bs)
+        naive = TorchLoader(_NaiveImages(df[df.set == 'train'], size, Augment()), batch_size=bs, shuffle=True,
+                            drop_last=True)
+        with Timer() as build:
+            dls = mura_dataloaders(df, size, bs, cache_dir=Path(tmp)/'cache', seed=seed, device=device, progress=False)
+        dls.one_batch()  # warm-up (CUDA kernels)
+        runs = [(_images_per_s(naive, device), _images_per_s(dls.train, device)) for _ in range(max(1, reps))]
+        (n0, r0), (n1, r1) = (max((r[k] for r in runs), key=lambda x: x[1]) for k in (0, 1))
+    return pd.DataFrame([dict(loader='naive: PNG + PIL per item', images=n0, images_per_s=round(r0, 1)),
+                         dict(loader='ours: cache + batch transforms', images=n1, images_per_s=round(r1, 1),
+                              cache_build_s=round(build.seconds, 2))]
+                       ).set_index('loader').assign(ratio=[1.0, round(r1 / r0, 1)])
+
 # %% ../nbs/07_bench.ipynb #594fb621
 def bench_loader(root:Path|str|None=None, # a MURA-v1.1 folder; None: a synthetic set of 512 px images
                  n_images:int=256, # training images timed per loader
@@ -84,55 +107,45 @@ def bench_loader(root:Path|str|None=None, # a MURA-v1.1 folder; None: a syntheti
                  bs:int=32, # batch size
                  seed:int=0, # seed of the synthetic set and of the loaders
                  threads:int|None=2, # torch threads during the run (restored after); None: leave as is
-                 device:str='cpu', # where batches go: both loaders deliver there ('cuda': our transforms run on the GPU)
+                 device:str='cpu', # where batches go: both loaders deliver there ('cuda': our transforms on the GPU)
                  reps:int=3, # passes over the images per loader, alternating; each loader's fastest counts
                 ) -> pd.DataFrame:
-    "Images/s into the model: naive (PNG decode + PIL augment per item) vs ours (cache + batch transforms), side by side."
-    with torch_threads(threads): return _bench_loader(root, n_images, size, bs, seed, torch.device(device), reps)
-
-def _bench_loader(root, n_images, size, bs, seed, device, reps) -> pd.DataFrame:
-    with tempfile.TemporaryDirectory() as tmp:
-        root = root or make_mura(Path(tmp)/'data', max(20, n_images // 3), 512, seed, progress=False)
-        df = read_mura(root, progress=False).drop_duplicates('path').head(n_images + bs)
-        df = df.assign(set=['train'] * (len(df) - bs) + ['valid'] * bs)
-        naive = TorchLoader(_NaiveImages(df[df.set == 'train'], size, Augment()), batch_size=bs, shuffle=True, drop_last=True)
-        with Timer() as build: dls = mura_dataloaders(df, size, bs, cache_dir=Path(tmp)/'cache', seed=seed, device=device, progress=False)
-        dls.one_batch()  # warm-up (CUDA kernels)
-        runs = [(_images_per_s(naive, device), _images_per_s(dls.train, device)) for _ in range(max(1, reps))]
-        (n0, r0), (n1, r1) = max((r[0] for r in runs), key=lambda x: x[1]), max((r[1] for r in runs), key=lambda x: x[1])
-    return pd.DataFrame([dict(loader='naive: PNG + PIL per item', images=n0, images_per_s=round(r0, 1)),
-                         dict(loader='ours: cache + batch transforms', images=n1, images_per_s=round(r1, 1),
-                              cache_build_s=round(build.seconds, 2))]).set_index('loader').assign(ratio=[1.0, round(r1 / r0, 1)])
+    "Images/s into the model: naive (PNG decode + PIL augment per item) vs ours (cache + batch transforms)."
+    with torch_threads(threads):
+        return _bench_loader(root, n_images=n_images, size=size, bs=bs, seed=seed, device=torch.device(device),
+                             reps=reps)
 
 # %% ../nbs/07_bench.ipynb #c66e4e25
 def _bench_data(folder:Path, size:int, bs:int, device=None, n_patients:int=60):
-    "A small synthetic set cut by the official protocol, its DataLoaders on `device`, and an untrained MobileNetV2 learner there."
-    df = protocol(read_mura(make_mura(folder/'synthetic', n_patients, 160, progress=False), progress=False), 'official')
+    "A small synthetic set cut by the official protocol, and an untrained MobileNetV2 learner on `device`."
+    synthetic = make_mura(folder/'synthetic', n_patients=n_patients, size=160, progress=False)
+    df = protocol(read_mura(synthetic, progress=False), 'official')
     dls = mura_dataloaders(df, size=size, bs=bs, cache_dir=folder/'cache', device=device or 'cpu', progress=False)
     learn = mura_learner(dls, 'mobilenetv2', size=size)
     learn.model.to(dls.device)
     return df, learn
 
+# %% ../nbs/07_bench.ipynb #8590d411
 def bench_predict(n:int=200, # images
                   size:int=64, # input size
                   bs:int=64, # batch size of `predict`
                   device=None, # where the model runs (default: the CPU)
                  ) -> dict:
-    "Seconds taken by `predict` and by fastai's per-image `learn.predict` on the same `n` images, the speed-up, and the one-off cost of `inference_model`."
+    "Seconds of `predict` and of fastai's per-image `learn.predict` on the same `n` images, and the speed-up."
     with tempfile.TemporaryDirectory() as d:
         df, learn = _bench_data(Path(d), size, bs, device)
         rows = df.iloc[:n]
         with learn.no_bar(), learn.no_logging():
             t_fold = seconds(inference_model, learn)  # once per model, reported apart
-            predict(learn, rows, bs=bs); learn.predict(rows.iloc[0])  # warm-up: first passes at each batch shape allocate (and load GPU kernels)
+            predict(learn, rows, bs=bs); learn.predict(rows.iloc[0])  # warm-up: first passes at each shape allocate
             with Timer() as t_fast: fast = predict(learn, rows, bs=bs).prob.to_numpy()
             with Timer() as t_slow: slow = np.array([float(learn.predict(r)[2][1]) for _, r in rows.iterrows()])
-    return dict(images=len(rows), predict_s=t_fast.seconds, fastai_predict_s=t_slow.seconds, speedup=t_slow.seconds/t_fast.seconds, fold_s=t_fold,
-                max_prob_diff=float(np.abs(fast - slow).max()))
+    return dict(images=len(rows), predict_s=t_fast.seconds, fastai_predict_s=t_slow.seconds,
+                speedup=t_slow.seconds/t_fast.seconds, fold_s=t_fold, max_prob_diff=float(np.abs(fast - slow).max()))
 
 # %% ../nbs/07_bench.ipynb #fbec5971
 def _plain_epoch(learn:Learner, lr:float):
-    "One epoch of a plain PyTorch loop (train, then validation loss) with the learner's model, loss, optimiser and batches."
+    "A plain PyTorch epoch (train, then validation loss) with the learner's model, loss, optimiser and batches."
     model, loss_func = learn.model, learn.loss_func
     opt = learn.opt_func(learn.splitter(model), lr=lr)
     model.train()
@@ -147,12 +160,12 @@ def bench_loop(reps:int=2, # timed epochs per loop, alternating
                bs:int=16, # batch size
                device=None, # where the model runs (default: the CPU)
               ) -> dict:
-    "Seconds per epoch of fastai's `fit` (recorder and metrics, no progress bar) and of a plain PyTorch loop, same start and batches."
+    "Seconds per epoch of fastai's `fit` (recorder and metrics, no progress bar) and of a plain PyTorch loop."
     with tempfile.TemporaryDirectory() as d:
         _, learn = _bench_data(Path(d), size, bs, device)
         start, times = deepcopy(learn.model.state_dict()), dict(fastai=[], plain=[])
         for _ in range(reps):
-            for kind in times:
+            for kind in times:  # both loops start from the same weights, batch order and seed
                 learn.model.load_state_dict(start); learn.dls.train.rng = random.Random(0); torch.manual_seed(0)
                 with Timer() as t:
                     if kind == 'plain': _plain_epoch(learn, 1e-3)
@@ -168,46 +181,49 @@ def lime_defaults(model:nn.Module, # the model to explain
                   num_samples:int=1000, # perturbed copies through the model
                   seed:int=0, # lime's random state
                  ):
-    "lime as it ships (quickshift, batches of 10, three-channel copies) with the model as it is, for comparison in `bench_explain`."
+    "lime as it ships (quickshift, batches of 10, three-channel copies) with the model as it is."
     def classify(rgb):  # what a user hands lime: the model, called on each batch of perturbed copies
         with torch.inference_mode():
-            return model(to_batch(list(rgb[..., 0].astype(np.uint8))).to(model_device(model))).float().softmax(1).cpu().numpy()
+            x = to_batch(list(rgb[..., 0].astype(np.uint8))).to(model_device(model))
+            return model(x).float().softmax(1).cpu().numpy()
     model.eval()
-    return lime_image.LimeImageExplainer(random_state=seed).explain_instance(np.asarray(image), classify, num_samples=num_samples, random_seed=seed)
+    return lime_image.LimeImageExplainer(random_state=seed).explain_instance(
+        np.asarray(image), classify, num_samples=num_samples, random_seed=seed)
 
-# %% ../nbs/07_bench.ipynb #b2869204
-def bench_explain(arch:str='mobilenetv2', # architecture key, built as the study builds it (random weights: the cost does not depend on them)
-                  size:int=224, # input side
-                  num_samples:int=1000, # LIME perturbations
-                  n_images:int=8, # images for the gradient maps
-                  reps:int=2, # runs of each variant, interleaved; the fastest counts
-                  seed:int=0, # image and weights seed
-                  threads:int|None=None, # torch CPU threads during the run (restored after); None: leave as is
-                 ) -> pd.DataFrame:
-    "Time LIME and the gradient maps against the bare model calls they need, side by side in one run; print the ratios."
-    with torch_threads(threads): return _bench_explain(arch, size, num_samples, n_images, reps, seed)
-
-def _bench_explain(arch, size, num_samples, n_images, reps, seed):
-    "The measurements of `bench_explain`."
+# %% ../nbs/07_bench.ipynb #f064f7e3
+def _explain_inputs(arch:str, size:int, n_images:int, seed:int) -> tuple:
+    "The model as built and folded, `n_images` synthetic views (at least 2), and the batch size LIME chooses."
     torch.manual_seed(seed); model = mura_model(arch, size).eval(); net = inference_model(model)
-    ims = [pad_square(render_view(BODY_PARTS[i % len(BODY_PARTS)], size=size, seed=seed, pid=i+1)[0], size) for i in range(max(2, n_images))]
-    bs = best_batch_size(model, size, ims[0]); x, x10, xb = to_batch(ims[:1]*bs), to_batch(ims[:1]*10), to_batch(ims[:n_images])
+    ims = [pad_square(render_view(BODY_PARTS[i % len(BODY_PARTS)], size=size, seed=seed, pid=i+1)[0], size)
+           for i in range(max(2, n_images))]
+    return model, net, ims, best_batch_size(model, size, ims[0])
+
+def _explain_variants(model, net, ims, bs, num_samples, seed, size, n_images) -> dict:
+    "What `bench_explain` times, by name: six LIME variants, then gradient maps and a forward pass, 1 and n images."
+    x, x10, xb = to_batch(ims[:1]*bs), to_batch(ims[:1]*10), to_batch(ims[:n_images])
     def calls(m, x, bs):
         with torch.inference_mode(): [m(x[:len(b)]) for b in batches(range(num_samples), bs)]
     def forward(xs):
         with torch.inference_mode(): model(xs)
-    variants = {'LIME model calls only': lambda: calls(net, x, bs),
-                "LIME model calls, unfolded model, lime's batch of 10": lambda: calls(model, x10, 10),
-                'LIME, ours (quickshift)': lambda: lime(model, ims[0], num_samples, seed, 'quickshift', bs, size=size),
-                'LIME, ours (slic)': lambda: lime(model, ims[0], num_samples, seed, 'slic', bs, size=size),
-                "LIME, lime's defaults": lambda: lime_defaults(model, ims[0], num_samples, seed),
-                "LIME, lime's defaults on the folded model": lambda: lime_defaults(net, ims[0], num_samples, seed),
-                'forward, 1 image': lambda: forward(xb[:1]),
-                'Grad-CAM + saliency (captum), 1 image': lambda: (gradcam(model, ims[:1], size=size), saliency(model, ims[:1], size=size)),
-                'Grad-CAM + saliency (one pass), 1 image': lambda: gradcam_saliency(model, ims[:1], size=size),
-                f'forward, {n_images} images': lambda: forward(xb),
-                f'Grad-CAM + saliency (captum), {n_images} images': lambda: (gradcam(model, ims[:n_images], size=size), saliency(model, ims[:n_images], size=size)),
-                f'Grad-CAM + saliency (one pass), {n_images} images': lambda: gradcam_saliency(model, ims[:n_images], size=size)}
+    def ours(seg):
+        return lime(model, ims[0], num_samples=num_samples, seed=seed, segmentation=seg, batch_size=bs, size=size)
+    def captum(n): return gradcam(model, ims[:n], size=size), saliency(model, ims[:n], size=size)
+    res = {'LIME model calls only': lambda: calls(net, x, bs),
+           "LIME model calls, unfolded model, lime's batch of 10": lambda: calls(model, x10, 10),
+           'LIME, ours (quickshift)': lambda: ours('quickshift'), 'LIME, ours (slic)': lambda: ours('slic'),
+           "LIME, lime's defaults": lambda: lime_defaults(model, ims[0], num_samples, seed),
+           "LIME, lime's defaults on the folded model": lambda: lime_defaults(net, ims[0], num_samples, seed)}
+    for n, what in ((1, '1 image'), (n_images, f'{n_images} images')):
+        res |= {f'forward, {what}': lambda n=n: forward(xb[:n]),
+                f'Grad-CAM + saliency (captum), {what}': lambda n=n: captum(n),
+                f'Grad-CAM + saliency (one pass), {what}': lambda n=n: gradcam_saliency(model, ims[:n], size=size)}
+    return res
+
+def _bench_explain(arch, size, num_samples, n_images, reps, seed) -> pd.DataFrame:
+    "The measurements of `bench_explain`: each variant's fastest of `reps` alternating runs, and its ratio."
+    model, net, ims, bs = _explain_inputs(arch, size, n_images, seed)
+    variants = _explain_variants(model, net, ims, bs=bs, num_samples=num_samples, seed=seed, size=size,
+                                 n_images=n_images)
     for k, f in variants.items():
         if not k.startswith('LIME'): f()  # untimed warm-up: the first call at each shape builds the CPU kernels
     t = {k: [] for k in variants}
@@ -215,11 +231,25 @@ def _bench_explain(arch, size, num_samples, n_images, reps, seed):
         for k, f in variants.items(): t[k].append(seconds(f))
     t = pd.Series({k: min(v) for k, v in t.items()})
     ref = ['LIME model calls only']*6 + ['forward, 1 image']*3 + [f'forward, {n_images} images']*3
-    res = pd.DataFrame(dict(seconds=t.round(4), relative_to=ref, ratio=(t/t[ref].values).round(2))).rename_axis(f'{arch} {size}px, LIME batch {bs}')
+    res = pd.DataFrame(dict(seconds=t.round(4), relative_to=ref, ratio=(t/t[ref].values).round(2)))
+    res = res.rename_axis(f'{arch} {size}px, LIME batch {bs}')
     print(res.to_string())
     gain = t["LIME, lime's defaults"]/t['LIME, ours (quickshift)']
     print(f"LIME, ours (quickshift): {gain:.2f}x as fast as lime's defaults")
     return res
+
+# %% ../nbs/07_bench.ipynb #b2869204
+def bench_explain(arch:str='mobilenetv2', # architecture key, built as the study builds it (random weights suffice)
+                  size:int=224, # input side
+                  num_samples:int=1000, # LIME perturbations
+                  n_images:int=8, # images for the gradient maps (at least 2)
+                  reps:int=2, # runs of each variant, interleaved; the fastest counts
+                  seed:int=0, # image and weights seed
+                  threads:int|None=None, # torch CPU threads during the run (restored after); None: leave as is
+                 ) -> pd.DataFrame:
+    "Time LIME and the gradient maps against the bare model calls they need, side by side in one run; print the ratios."
+    with torch_threads(threads):
+        return _bench_explain(arch, size, num_samples=num_samples, n_images=n_images, reps=reps, seed=seed)
 
 # %% ../nbs/07_bench.ipynb #0e8558df
 def machine(device:str='cpu', # the device the benchmarks ran on
@@ -228,35 +258,44 @@ def machine(device:str='cpu', # the device the benchmarks ran on
     where = torch.cuda.get_device_name() if device.startswith('cuda') and torch.cuda.is_available() else 'CPU'
     return f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {where}"
 
+# %% ../nbs/07_bench.ipynb #134c9013
+_COLUMNS = ['chapter', 'benchmark', 'measured', 'target', 'unit']  # then `size` and `machine`
+
+def _synth_rows(size, device) -> list:
+    r = bench_synth(n_patients=300, size=320)
+    return [('synth', 'demo-sized set, 2 workers vs 1', r['speedup'], '> 1', 'x faster', 320)]
+
+def _data_rows(size, device) -> list:
+    loader, channels = bench_loader(size=size, device=device), channel_cost(size=size)
+    return [('data', 'loader: cache + batch transforms vs PNG + PIL per item', float(loader.ratio.iloc[-1]), '>= 5',
+             'x faster', size),
+            ('data', 'forward pass, 3 input channels vs 1', channels.forward_ms[3]/channels.forward_ms[1], '~ 1', 'x',
+             size)]
+
+def _learner_rows(size, device) -> list:
+    p, lp = bench_predict(device=device), bench_loop(device=device)  # at 64 px: what they time is fastai, not the model
+    return [('learner', 'predict vs fastai learn.predict, 200 images', p['speedup'], '>= 10', 'x faster', 64),
+            ('learner', 'fastai fit vs plain PyTorch loop', 100*lp['overhead'], '<= 10', '% overhead', 64)]
+
+def _interpret_rows(size, device) -> list:
+    r = bench_explain(size=size, reps=1)
+    def pick(k): return float(r.ratio[[i for i in r.index if i.startswith(k)][0]])
+    ours, defaults = pick('LIME, ours (quickshift)'), pick("LIME, lime's defaults")
+    return [('interpret', 'LIME (ours, quickshift) vs its bare model calls', ours, '<= 1.2', 'x', size),
+            ('interpret', "LIME (ours) vs lime's defaults, same samples", ours/defaults, '< 1', 'x', size),
+            ('interpret', 'Grad-CAM + saliency vs one forward pass, 1 image',
+             pick('Grad-CAM + saliency (one pass), 1 image'), '<= 4', 'x', size)]
+
+_CHAPTER_ROWS = dict(synth=_synth_rows, data=_data_rows, learner=_learner_rows, interpret=_interpret_rows)
+
 # %% ../nbs/07_bench.ipynb #0b1654d2
 def bench_all(size:int=224, # model input side of the loader and explanation benchmarks
               only:tuple=BENCHMARKS, # chapters to benchmark
               device:str='cpu', # where the loader, prediction and training benchmarks run
              ) -> pd.DataFrame:
     "Every chapter's benchmark, one row per ratio, next to its target and the machine that measured it."
-    rows = []
-    if 'synth' in only:
-        r = bench_synth(n_patients=300, size=320)
-        rows.append(('synth', 'demo-sized set, 2 workers vs 1', r['speedup'], '> 1', 'x faster'))
-    if 'data' in only:
-        r = bench_loader(size=size, device=device)
-        rows.append(('data', 'loader: cache + batch transforms vs PNG + PIL per item', float(r.ratio.iloc[-1]), '>= 5', 'x faster'))
-        r = channel_cost(size=size)
-        rows.append(('data', 'forward pass, 3 input channels vs 1', r.forward_ms[3]/r.forward_ms[1], '~ 1', 'x'))
-    if 'learner' in only:
-        p, lp = bench_predict(device=device), bench_loop(device=device)
-        rows += [('learner', 'predict vs fastai learn.predict, 200 images', p['speedup'], '>= 10', 'x faster'),
-                 ('learner', 'fastai fit vs plain PyTorch loop', 100*lp['overhead'], '<= 10', '% overhead')]
-    if 'interpret' in only:
-        r = bench_explain(size=size, reps=1)
-        def pick(k): return float(r.ratio[[i for i in r.index if i.startswith(k)][0]])
-        ours, defaults = pick('LIME, ours (quickshift)'), pick("LIME, lime's defaults")
-        rows += [('interpret', 'LIME (ours, quickshift) vs its bare model calls', ours, '<= 1.2', 'x'),
-                 ('interpret', "LIME (ours) vs lime's defaults, same samples", ours/defaults, '< 1', 'x'),
-                 ('interpret', 'Grad-CAM + saliency vs one forward pass, 1 image',
-                  pick('Grad-CAM + saliency (one pass), 1 image'), '<= 4', 'x')]
-    res = pd.DataFrame(rows, columns=['chapter', 'benchmark', 'measured', 'target', 'unit']).round(2)
-    return res.assign(size=size, machine=machine(device))
+    rows = [row for c in BENCHMARKS if c in only for row in _CHAPTER_ROWS[c](size, device)]
+    return pd.DataFrame(rows, columns=[*_COLUMNS, 'size']).round(2).assign(machine=machine(device))
 
 # %% ../nbs/07_bench.ipynb #8ade62cf
 BENCH_TABLE = project_root()/'results'/'bench.csv'  # written by `mura-study bench`, shown by the chapters
@@ -264,10 +303,11 @@ BENCH_TABLE = project_root()/'results'/'bench.csv'  # written by `mura-study ben
 def bench_results(chapter:str|None=None, # one chapter's rows; None: all
                   path:Path|str|None=None, # the table (default: `BENCH_TABLE`)
                  ) -> pd.DataFrame:
-    "The measured benchmark table (or one chapter's rows of it); empty, with a line saying how to make it, when absent."
+    "The measured benchmark table, or one chapter's rows of it; empty, with a line saying how to make it, when absent."
     path = Path(path or BENCH_TABLE)
     if not path.exists():
-        print(f"No measured benchmarks at {path}: run 'mura-study bench' to measure them on this machine.")
-        return pd.DataFrame(columns=['chapter', 'benchmark', 'measured', 'target', 'unit', 'size', 'machine'])
+        shown = path.relative_to(project_root()) if path.is_relative_to(project_root()) else path
+        print(f"No measured benchmarks in {shown}: run 'mura-study bench' to measure them on this machine.")
+        return pd.DataFrame(columns=[*_COLUMNS, 'size', 'machine'])
     res = pd.read_csv(path)
     return res if chapter is None else res[res.chapter == chapter].reset_index(drop=True)

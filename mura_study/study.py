@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_study.ipynb #2ea6bb95
 from __future__ import annotations
-import argparse, ast, copy, importlib, json, math, re, shutil, subprocess, sys, tempfile, time
+import argparse, ast, copy, importlib, json, math, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -13,14 +13,6 @@ import torch
 from . import core
 from .core import *
 
-class _Chapter:
-    "A chapter module imported on first use, so that `mura-study --help` does not wait for fastai, timm, captum and optuna."
-    def __init__(self, name:str): self._module_name = name
-    def __getattr__(self, attr): return getattr(importlib.import_module(f'mura_study.{self._module_name}'), attr)
-    def __repr__(self): return f"<chapter mura_study.{self._module_name}, imported on first use>"
-
-bench, data, interpret, learner, synth, tuning = map(_Chapter, ('bench', 'data', 'interpret', 'learner', 'synth', 'tuning'))
-
 # %% auto #0
 __all__ = ['bench', 'data', 'interpret', 'learner', 'synth', 'tuning', 'LIBRARY_CHAPTERS', 'PNG_BYTES_PER_PIXEL',
            'CHECKPOINTS_PER_MODEL', 'REPORT_SECTIONS', 'CDN_WIDGET_SCRIPTS', 'USER_ERRORS', 'chapters', 'finished',
@@ -28,9 +20,20 @@ __all__ = ['bench', 'data', 'interpret', 'learner', 'synth', 'tuning', 'LIBRARY_
            'chapter_times', 'write_report', 'missing_outputs', 'render_html', 'docs_notebook', 'snapshot_run',
            'docs_source', 'plain_notebook', 'build_docs', 'positive_int', 'positive_float', 'main']
 
+# %% ../nbs/08_study.ipynb #8379b13f
+class _Chapter:
+    "A chapter module imported on first use: `mura-study --help` does not wait for fastai, timm, captum, optuna."
+    def __init__(self, name:str): self._module_name = name
+    def __getattr__(self, attr): return getattr(importlib.import_module(f'mura_study.{self._module_name}'), attr)
+    def __repr__(self): return f"<chapter mura_study.{self._module_name}, imported on first use>"
+
+# %% ../nbs/08_study.ipynb #0e213ea5
+bench, data, interpret, learner, synth, tuning = map(_Chapter, 'bench data interpret learner synth tuning'.split())
+
 # %% ../nbs/08_study.ipynb #3e6efdf2
 LIBRARY_CHAPTERS = ('00_core', '03_metrics', '07_bench', '08_study')  # they define tools and train nothing
 
+# %% ../nbs/08_study.ipynb #910e7ca4
 def chapters(nbs:Path|None=None, # notebook folder (default: the checkout's `nbs/`)
             ) -> list[Path]:
     "The study's chapter notebooks, in order: every numbered notebook but the `LIBRARY_CHAPTERS`."
@@ -69,20 +72,24 @@ def chapter_imports(nbs:list[Path], # chapter notebooks, as from `chapters`
     return sorted(names - {'__future__'})
 
 # %% ../nbs/08_study.ipynb #bbc74fb7
-PNG_BYTES_PER_PIXEL = 0.6  # synthetic radiographs, measured: about 0.5 byte per pixel as PNG
-CHECKPOINTS_PER_MODEL = 5  # best weights, final weights, and a checkpoint with Adam's two moments
+PNG_BYTES_PER_PIXEL = 0.6  # synthetic radiographs as PNG: about 0.55 byte per pixel, rounded up
 
+# %% ../nbs/08_study.ipynb #6797f715
+CHECKPOINTS_PER_MODEL = 5  # copies of a model's weights a training writes
+
+# %% ../nbs/08_study.ipynb #94478a10
 def disk_estimate(prof:Profile, # the run profile
                   n_images:int, # images the run reads
                  ) -> dict:
     "Bytes a run will write, by kind: the synthetic set, the grey caches and the model files."
-    from mura_study.learner import ARCHS
     import timm
-    sizes = {ARCHS[a].size if prof.size == 224 else prof.size for a in prof.archs}
+    archs = learner.ARCHS
+    sizes = {archs[a].size if prof.size == 224 else prof.size for a in prof.archs}
     data = n_images * prof.synth_side**2 * PNG_BYTES_PER_PIXEL if prof.data == 'synthetic' else 0
     cache = sum((n_images + prof.paper_images) * s**2 for s in sizes)
-    with torch.device('meta'): n_params = {a: sum(p.numel() for p in timm.create_model(ARCHS[a].timm_id, num_classes=2).parameters())
-                                           for a in {*prof.archs, 'mobilenetv2'}}
+    with torch.device('meta'):  # shapes without memory
+        n_params = {a: sum(p.numel() for p in timm.create_model(archs[a].timm_id, num_classes=2).parameters())
+                    for a in {*prof.archs, 'mobilenetv2'}}
     trainings = [*prof.archs, 'mobilenetv2', 'mobilenetv2', 'mobilenetv2']  # + the two protocols and the tuned model
     models = sum(4 * n_params[a] * CHECKPOINTS_PER_MODEL for a in trainings)
     return dict(data=int(data), cache=int(cache), models=int(models))
@@ -94,12 +101,24 @@ class NotReady(Exception):
 def _import_problem(mod:str) -> str|None:
     try: importlib.import_module(mod)
     except Exception as e:
-        return f"cannot import {mod} ({type(e).__name__}: {e}). Fix: pip install -e . in this checkout (make study does)."
+        return (f"cannot import {mod} ({type(e).__name__}: {e}). "
+                "Fix: pip install -e . in this checkout (make study does).")
 
 # %% ../nbs/08_study.ipynb #55f953c3
+def _install_problems(nbs:list[Path], html:bool) -> list[str]:
+    "The modules the chapters import that do not import, and a missing Jupyter kernel."
+    renderer = ['nbconvert'] if html and not shutil.which('quarto') else []
+    need = [*chapter_imports(nbs), 'papermill', 'tabulate', *renderer]
+    problems = [p for p in map(_import_problem, dict.fromkeys(need)) if p]
+    try: importlib.import_module('jupyter_client.kernelspec').KernelSpecManager().get_kernel_spec('python3')
+    except Exception as e:
+        problems.append(f"no Jupyter kernel 'python3' to execute the chapters ({e}). Fix: pip install ipykernel.")
+    return problems
+
 def _data_problem(prof:Profile, folder:str|Path|None) -> str|None:
     if folder is None:
-        return None if prof.data == 'synthetic' else f"profile {prof.name!r} needs real data. Fix: --data /path/to/MURA-v1.1."
+        if prof.data == 'synthetic': return None
+        return f"profile {prof.name!r} needs real data. Fix: --data /path/to/MURA-v1.1."
     try: mura = data.mura_folder(folder)
     except FileNotFoundError as e: return str(e)
     missing = [n for n in data.MURA_CSVS if not (mura/n).is_file()]
@@ -110,6 +129,13 @@ def _n_images(prof:Profile, folder:str|Path|None) -> int:
     mura = data.mura_folder(folder)
     return sum(sum(1 for line in open(mura/f'{s}_image_paths.csv', 'rb') if line.strip()) for s in ('train', 'valid'))
 
+def _disk_problem(prof:Profile, rd:Path, folder:str|Path|None, free:int|None) -> str|None:
+    want = int(1.5 * sum(disk_estimate(prof, _n_images(prof, folder)).values()))
+    free = shutil.disk_usage(rd).free if free is None else free
+    if free < want: return (f"the run needs about {want/2**30:.1f} GiB on the disk of {rd}, which has "
+                            f"{free/2**30:.1f} GiB free. Fix: free space there, or set MURA_STUDY_RUNS to a folder "
+                            "on a larger disk.")
+
 # %% ../nbs/08_study.ipynb #ef66ab4b
 def preflight(prof:Profile, # the run profile
               rd:Path, # the run folder
@@ -119,18 +145,12 @@ def preflight(prof:Profile, # the run profile
               free:int|None=None, # free bytes on the run's disk (default: measured)
              ) -> list[str]:
     "What the run will need and lacks, each with its fix; empty when the run can start."
-    need = [*chapter_imports(nbs or chapters()), 'papermill', 'tabulate'] + (['nbconvert'] if html and not shutil.which('quarto') else [])
-    problems = [p for p in map(_import_problem, dict.fromkeys(need)) if p]
-    try: importlib.import_module('jupyter_client.kernelspec').KernelSpecManager().get_kernel_spec('python3')
-    except Exception as e: problems.append(f"no Jupyter kernel 'python3' to execute the chapters ({e}). Fix: pip install ipykernel.")
+    problems = _install_problems(nbs or chapters(), html)
     try: tempfile.NamedTemporaryFile(dir=Path(rd)/'tables').close()
-    except OSError as e: problems.append(f"cannot write in the run folder {rd} ({e}). Fix: set MURA_STUDY_RUNS to a writable folder.")
+    except OSError as e:
+        problems.append(f"cannot write in the run folder {rd} ({e}). Fix: set MURA_STUDY_RUNS to a writable folder.")
     if p := _data_problem(prof, data): problems.append(p)
-    if problems: return problems
-    want = int(1.5 * sum(disk_estimate(prof, _n_images(prof, data)).values()))
-    free = shutil.disk_usage(rd).free if free is None else free
-    if free < want: problems.append(f"the run needs about {want/2**30:.1f} GiB on the disk of {rd}, which has {free/2**30:.1f} GiB free. "
-                                    "Fix: free space there, or set MURA_STUDY_RUNS to a folder on a larger disk.")
+    if not problems and (p := _disk_problem(prof, rd, data, free)): problems.append(p)
     return problems
 
 # %% ../nbs/08_study.ipynb #3cddfc65
@@ -140,18 +160,18 @@ def _failed_cell(out:Path, err:Exception) -> str:  # a papermill.PapermillExecut
     except (FileNotFoundError, json.JSONDecodeError, KeyError): return '?'
     src = [c['source'] for c in cells if c.get('execution_count') == err.exec_count and c['cell_type'] == 'code']
     src = ''.join(src[0]) if src else ''
-    return next((l for l in src.splitlines() if l.strip() and not l.startswith('#|')), '?')
+    return next((line for line in src.splitlines() if line.strip() and not line.startswith('#|')), '?')
 
 # %% ../nbs/08_study.ipynb #c5be2f72
 def run_chapter(nb:Path, out:Path, params:dict) -> float:
     "Execute one chapter with papermill; return its wall time in seconds, or raise naming chapter and cell."
     import papermill as pm  # here: the other commands do not need it
-    t0 = time.perf_counter()
-    try: pm.execute_notebook(nb, out, parameters=params, cwd=nb.parent, progress_bar=True)
-    except pm.PapermillExecutionError as e:
-        raise RuntimeError(f"Chapter {nb.stem} failed in cell {e.exec_count} ({_failed_cell(out, e)!r}): "
-                           f"{e.ename}: {e.evalue}\nExecuted notebook: {out}") from None
-    return time.perf_counter() - t0
+    with Timer() as t:
+        try: pm.execute_notebook(nb, out, parameters=params, cwd=nb.parent, progress_bar=True)
+        except pm.PapermillExecutionError as e:
+            raise RuntimeError(f"Chapter {nb.stem} failed in cell {e.exec_count} ({_failed_cell(out, e)!r}): "
+                               f"{e.ename}: {e.evalue}\nExecuted notebook: {out}") from None
+    return t.seconds
 
 # %% ../nbs/08_study.ipynb #7a00e8d2
 def reproduce(profile:str='demo', # run profile: ci, demo or paper
@@ -161,12 +181,14 @@ def reproduce(profile:str='demo', # run profile: ci, demo or paper
               nbs:Path|None=None, # chapter notebooks (default: the checkout's `nbs/`)
               html:bool=True, # render the executed notebooks to HTML
              ) -> Path:
-    "Check what the run needs, execute the chapters with papermill into `runs/<name>/`, write `report.md`; return the run folder."
+    "Check what the run needs, execute the chapters with papermill into `runs/<name>/`, write `report.md`."
     prof, nbs = core.profile(profile), chapters(nbs)
     try: rd = run_dir(name or prof.name)
-    except OSError as e: raise NotReady(f"cannot create the run folder ({e}). Fix: set MURA_STUDY_RUNS to a writable folder.") from None
+    except OSError as e:
+        raise NotReady(f"cannot create the run folder ({e}). Fix: set MURA_STUDY_RUNS to a writable folder.") from None
     run_lock(rd, f"reproduce --profile {prof.name} --name {rd.name}")
-    if problems := preflight(prof, rd, data, nbs, html): raise NotReady('the run cannot start:\n' + '\n'.join(problems))
+    if problems := preflight(prof, rd, data=data, nbs=nbs, html=html):
+        raise NotReady('the run cannot start:\n' + '\n'.join(problems))
     params = dict(name=rd.name, profile=prof.name, data_path=str(run_data(rd, prof, data)))
     todo = to_run(nbs, rd/'notebooks', force)
     for nb in nbs:
@@ -180,19 +202,19 @@ def reproduce(profile:str='demo', # run profile: ci, demo or paper
 # %% ../nbs/08_study.ipynb #90b2921a
 REPORT_SECTIONS = [
     ('Data', 'data_summary', "Images per split, body part and label."),
-    ('Architectures', 'arch_comparison', "Study-level metrics on the test set, 95% bootstrap intervals resampled by study."),
+    ('Architectures', 'arch_comparison',
+     "Study-level metrics on the test set, 95% bootstrap intervals resampled by study."),
     ('Per body part', 'kappa_by_body_part', "Study-level Cohen's kappa per body part (MURA's official metric)."),
-    ('Protocols', 'protocol_comparison', "MobileNetV2 under the paper's leaky split, the same subset split by patient, and MURA's official split."),
+    ('Protocols', 'protocol_comparison',
+     "MobileNetV2 under the paper's leaky split, the same subset split by patient, and MURA's official split."),
     ('Efficiency', 'efficiency', "Parameters, GFLOPs, model file size and CPU latency, next to F1."),
-    ('Baseline vs tuned', 'tuning_comparison', "The paper's tuning step: untuned vs tuned F1, with a paired bootstrap over studies."),
-    ('Faithfulness', 'faithfulness', "Do the explanations point at the finding, depend on the learned weights, and predict the model?"),
+    ('Baseline vs tuned', 'tuning_comparison',
+     "The paper's tuning step: untuned vs tuned F1, with a paired bootstrap over studies."),
+    ('Faithfulness', 'faithfulness',
+     "Do the explanations point at the finding, depend on the learned weights, and predict the model?"),
 ]
 
 # %% ../nbs/08_study.ipynb #3e5e08b1
-def _md_table(csv:Path) -> str:
-    df = pd.read_csv(csv)
-    return df.to_markdown(index=False, floatfmt='.3f')
-
 def chapter_times(rd:Path) -> pd.DataFrame:
     "Wall time of each executed chapter, from papermill's metadata."
     rows = []
@@ -202,17 +224,21 @@ def chapter_times(rd:Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=['chapter', 'seconds'])
 
 # %% ../nbs/08_study.ipynb #cb05573c
+def _md_table(csv:Path) -> str: return pd.read_csv(csv).to_markdown(index=False, floatfmt='.3f')
+
 def write_report(rd:Path, # the run folder
                  prof:Profile|None=None, # the run's profile, named in the title
                 ) -> Path:
     "Generate `rd/report.md` from the run's tables and figures."
     rd = Path(rd); tables = rd/'tables'
     lines = [f"# MURA study: run `{rd.name}`", ""]
-    if prof: lines += [f"Profile `{prof.name}`: {prof.size} px, {prof.epochs} epochs, architectures {', '.join(prof.archs)}.", ""]
+    if prof: lines += [f"Profile `{prof.name}`: {prof.size} px, {prof.epochs} epochs, "
+                       f"architectures {', '.join(prof.archs)}.", ""]
     for title, stem, blurb in REPORT_SECTIONS:
         csv = tables/f'{stem}.csv'
         lines += [f"## {title}", "", blurb, ""]
-        lines += [f"Table `tables/{stem}.csv`:", "", _md_table(csv), ""] if csv.exists() else [f"*Not produced: `tables/{stem}.csv` is missing.*", ""]
+        if csv.exists(): lines += [f"Table `tables/{stem}.csv`:", "", _md_table(csv), ""]
+        else: lines += [f"*Not produced: `tables/{stem}.csv` is missing.*", ""]
     lines += ["## Figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in sorted((rd/'figures').glob('*.png'))]
     times = chapter_times(rd)
     if len(times):
@@ -229,7 +255,8 @@ def missing_outputs(rd:Path, # the run folder
     rd = Path(rd)
     want = [rd/'report.md', *(rd/'tables'/f'{stem}.csv' for _, stem, _ in REPORT_SECTIONS)]
     missing = [str(p.relative_to(rd)) for p in want if not p.is_file() or p.stat().st_size == 0]
-    return missing + [f"notebooks/{nb.name} (not finished)" for nb in nbs or chapters() if not finished(rd/'notebooks'/nb.name)]
+    unfinished = [nb.name for nb in nbs or chapters() if not finished(rd/'notebooks'/nb.name)]
+    return missing + [f"notebooks/{name} (not finished)" for name in unfinished]
 
 # %% ../nbs/08_study.ipynb #ba8e79b8
 def render_html(rd:Path) -> list[Path]:
@@ -237,8 +264,10 @@ def render_html(rd:Path) -> list[Path]:
     src, out = Path(rd)/'notebooks', Path(rd)/'html'
     out.mkdir(exist_ok=True)
     for nb in sorted(src.glob('*.ipynb')):
-        if shutil.which('quarto'): cmd = ['quarto', 'render', str(nb), '--to', 'html', '--output-dir', str(out.absolute())]
-        else: cmd = [sys.executable, '-m', 'nbconvert', '--to', 'html', '--log-level=ERROR', '--output-dir', str(out), str(nb)]
+        if shutil.which('quarto'):
+            cmd = ['quarto', 'render', str(nb), '--to', 'html', '--output-dir', str(out.absolute())]
+        else: cmd = [sys.executable, '-m', 'nbconvert', '--to', 'html', '--log-level=ERROR', '--output-dir', str(out),
+                     str(nb)]
         subprocess.run(cmd, check=True, capture_output=True)
     return sorted(out.glob('*.html'))
 
@@ -262,8 +291,10 @@ def snapshot_run(rd:Path, # a finished run folder
     "Copy the report, tables, figures and docs-ready executed notebooks of run `rd` to `dest`."
     import papermill as pm
     rd, dest, nbs = Path(rd), Path(dest), Path(nbs or project_root()/'nbs')
-    if missing := missing_outputs(rd): raise FileNotFoundError(f"Run {rd} is not finished, it lacks {', '.join(missing)}: run it first.")
-    for sub in ('tables', 'figures', 'notebooks'): shutil.rmtree(dest/sub, ignore_errors=True); (dest/sub).mkdir(parents=True)
+    if missing := missing_outputs(rd):
+        raise FileNotFoundError(f"Run {rd} is not finished, it lacks {', '.join(missing)}: run it first.")
+    for sub in ('tables', 'figures', 'notebooks'):
+        shutil.rmtree(dest/sub, ignore_errors=True); (dest/sub).mkdir(parents=True)
     shutil.copy(rd/'report.md', dest/'report.md')
     for f in (*(rd/'tables').glob('*.csv'), *(rd/'figures').glob('*.png')): shutil.copy(f, dest/f.parent.name/f.name)
     for nb in (rd/'notebooks').glob('*.ipynb'):
@@ -301,18 +332,39 @@ def plain_notebook(nb:dict, # a docs notebook, from `docs_notebook`
     nb, cells = copy.deepcopy(nb), []
     for c in nb['cells']:
         lines = ''.join(c['source']).splitlines(keepends=True)
-        flags = {l[3:].strip() for l in lines if l.startswith('#| ')}
+        flags = {line[3:].strip() for line in lines if line.startswith('#| ')}
         if c['cell_type'] != 'code': cells.append(c); continue
         if 'hide' in flags or 'default_exp' in ' '.join(flags): continue
-        c['source'] = ''.join(l for l in lines if not l.startswith('#|')).lstrip('\n')
+        c['source'] = ''.join(line for line in lines if not line.startswith('#|')).lstrip('\n')
         if 'echo: false' in flags: c.setdefault('metadata', {}).setdefault('tags', []).append('remove_input')
         cells.append(c)
     nb['cells'] = cells
     return nb
 
 # %% ../nbs/08_study.ipynb #8c3448f1
-CDN_WIDGET_SCRIPTS = re.compile(r'<script src="https://cdnjs\.cloudflare\.com/ajax/libs/(?:require\.js|jquery)/[^"]*"[^>]*></script>\n?'
-                                r'|<script type="application/javascript">define\(\'jquery\'[^<]*</script>\n?')
+CDN_WIDGET_SCRIPTS = re.compile(
+    r'<script src="https://cdnjs\.cloudflare\.com/ajax/libs/(?:require\.js|jquery)/[^"]*"[^>]*></script>\n?'
+    r'|<script type="application/javascript">define\(\'jquery\'[^<]*</script>\n?')
+
+def _quarto_site(root:Path, src:Path, out:Path):
+    "nbdev's site of `src`, rendered by Quarto into `out`, without the CDN widget scripts."
+    refresh = 'from nbdev.quarto import refresh_quarto_yml; refresh_quarto_yml()'  # writes nbs/nbdev.yml
+    subprocess.run([sys.executable, '-c', refresh], cwd=root, check=True)
+    shutil.copy(root/'nbs'/'nbdev.yml', src/'nbdev.yml')  # where Quarto renders
+    docs = [str(Path(sys.executable).parent/'nbdev-docs'), '--path', str(src)]
+    run = subprocess.run(docs, cwd=root, capture_output=True, text=True)
+    if run.returncode: raise RuntimeError(f"nbdev-docs failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    for page in out.glob('*.html'): page.write_text(CDN_WIDGET_SCRIPTS.sub('', page.read_text()))
+
+def _nbconvert_site(src:Path, out:Path):
+    "Each notebook of `src` trimmed as nbdev would (`plain_notebook`) and rendered by nbconvert into `out`."
+    out.mkdir()
+    for nb in sorted(src.glob('*.ipynb')):
+        (out/nb.name).write_text(json.dumps(plain_notebook(json.loads(nb.read_text()))))
+    subprocess.run([sys.executable, '-m', 'nbconvert', '--to', 'html', '--log-level=ERROR', '--no-prompt',
+                    '--TagRemovePreprocessor.enabled=True', '--TagRemovePreprocessor.remove_input_tags=remove_input',
+                    *map(str, sorted(out.glob('*.ipynb')))], check=True, capture_output=True)
+    for nb in out.glob('*.ipynb'): nb.unlink()
 
 def build_docs(results:Path|None=None, # a run kept by `snapshot_run` (default: `results/demo`)
                quarto:bool|None=None, # render with Quarto (default: when `quarto` is on the path)
@@ -321,19 +373,8 @@ def build_docs(results:Path|None=None, # a run kept by `snapshot_run` (default: 
     root = project_root(); results = Path(results or root/'results'/'demo')
     src, out = docs_source(results, root/'build'/'docs'), root/'_docs'  # not a dot folder: nbdev skips those
     shutil.rmtree(out, ignore_errors=True)
-    if quarto if quarto is not None else shutil.which('quarto'):
-        refresh = 'from nbdev.quarto import refresh_quarto_yml; refresh_quarto_yml()'  # writes nbs/nbdev.yml: where Quarto renders
-        subprocess.run([sys.executable, '-c', refresh], cwd=root, check=True); shutil.copy(root/'nbs'/'nbdev.yml', src/'nbdev.yml')
-        run = subprocess.run([str(Path(sys.executable).parent/'nbdev-docs'), '--path', str(src)], cwd=root, capture_output=True, text=True)
-        if run.returncode: raise RuntimeError(f"nbdev-docs failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-        for page in out.glob('*.html'): page.write_text(CDN_WIDGET_SCRIPTS.sub('', page.read_text()))
-    else:
-        out.mkdir()
-        for nb in sorted(src.glob('*.ipynb')): (out/nb.name).write_text(json.dumps(plain_notebook(json.loads(nb.read_text()))))
-        subprocess.run([sys.executable, '-m', 'nbconvert', '--to', 'html', '--log-level=ERROR', '--no-prompt',
-                        '--TagRemovePreprocessor.enabled=True', '--TagRemovePreprocessor.remove_input_tags=remove_input',
-                        *map(str, sorted(out.glob('*.ipynb')))], check=True, capture_output=True)
-        for nb in out.glob('*.ipynb'): nb.unlink()
+    if quarto if quarto is not None else shutil.which('quarto'): _quarto_site(root, src, out)
+    else: _nbconvert_site(src, out)
     _copy_figures(results, out)
     return sorted(out.glob('*.html'))
 
@@ -345,6 +386,7 @@ def positive_int(s:str) -> int:
     if v < 1: raise argparse.ArgumentTypeError(f"{s!r} is not a positive whole number")
     return v
 
+# %% ../nbs/08_study.ipynb #32b04719
 def positive_float(s:str) -> float:
     "An argparse type: a finite number above 0 (not nan, not inf)."
     try: v = float(s)
@@ -374,7 +416,8 @@ def _images(a) -> pd.DataFrame:
     return data.protocol(data.read_mura(root), a.protocol, seed=a.seed)
 
 def _arch(a) -> str:
-    if a.arch not in learner.ARCHS: raise ValueError(f"unknown architecture {a.arch!r}; choose one of {', '.join(learner.ARCHS)}")
+    if a.arch not in learner.ARCHS:
+        raise ValueError(f"unknown architecture {a.arch!r}; choose one of {', '.join(learner.ARCHS)}")
     return a.arch
 
 def _train(a) -> int:
@@ -400,18 +443,17 @@ def _bench(a) -> int:
 
 # %% ../nbs/08_study.ipynb #1ff390fd
 def _add_data_args(p, profile='ci'):
-    p.add_argument('--data', default=None, help="a MURA-v1.1 folder (default: the run's synthetic set, made on first use)")
+    p.add_argument('--data', default=None,
+                   help="a MURA-v1.1 folder (default: the run's synthetic set, made on first use)")
     p.add_argument('--profile', default=profile, choices=list(PROFILES), help=f"run size (default: {profile})")
     p.add_argument('--name', default=None, help="run name, the folder under runs/ (default: the profile)")
     p.add_argument('--protocol', default='official', choices=['official', 'paper', 'paper_clean'],
                    help="split protocol (default: official)")
     p.add_argument('--seed', type=int, default=0, help="seed of splits, initialisation and loaders (default: 0)")
 
-# %% ../nbs/08_study.ipynb #8b7441a5
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog='mura-study', description="Musculoskeletal radiograph classification on MURA: "
-                "reproduce the study, or run one step of it. 'mura-study COMMAND --help' explains each command.")
-    sub = p.add_subparsers(dest='cmd', metavar='COMMAND', parser_class=_Parser)
+# %% ../nbs/08_study.ipynb #9c9bda77
+def _add_run_commands(sub):
+    "reproduce, synth, check-data: the whole study, and the data it reads."
     r = sub.add_parser('reproduce', help="run every chapter notebook into runs/<name>/ and write report.md")
     r.add_argument('--profile', default='demo', choices=list(PROFILES), help="run size (default: demo)")
     r.add_argument('--data', default=None, help="a MURA-v1.1 folder (default: generate synthetic data)")
@@ -420,52 +462,91 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--no-html', action='store_true', help="skip rendering the executed notebooks to HTML")
     s = sub.add_parser('synth', help="write a synthetic dataset in the MURA-v1.1 layout")
     s.add_argument('dest', help="folder to write MURA-v1.1/ into (must be empty or new)")
-    s.add_argument('--patients', type=positive_int, default=200, help="patients, train and valid together (default: 200)")
+    s.add_argument('--patients', type=positive_int, default=200,
+                   help="patients, train and valid together (default: 200)")
     s.add_argument('--size', type=positive_int, default=512, help="longest image side in pixels (default: 512)")
     s.add_argument('--seed', type=int, default=0, help="same seed, same bytes (default: 0)")
     c = sub.add_parser('check-data', help="validate a MURA folder: summary and problems; exit 1 on problems")
     c.add_argument('data', help="the MURA-v1.1 folder or the folder holding it")
-    t = sub.add_parser('train', help="train one architecture, evaluate it on the test set, save it to runs/<name>/models/")
+
+# %% ../nbs/08_study.ipynb #2179f54f
+def _add_model_commands(sub):
+    "train and evaluate: one model at a time."
+    t = sub.add_parser('train',
+                       help="train one architecture, evaluate it on the test set, save it to runs/<name>/models/")
     _add_data_args(t)
-    t.add_argument('--arch', default='mobilenetv2', help="architecture: vgg19, xception, mobilenetv2, convnext_base, densenet169")
+    t.add_argument('--arch', default='mobilenetv2',
+                   help="architecture: vgg19, xception, mobilenetv2, convnext_base, densenet169")
     for k, h in [('size', "input size"), ('epochs', "epochs"), ('bs', "batch size")]:
         t.add_argument(f'--{k}', type=positive_int, default=None, help=f"{h} (default: the profile's)")
-    t.add_argument("--lr", type=positive_float, default=DEFAULT_LR, help=f"maximum one-cycle learning rate (default: {DEFAULT_LR:g})")
+    t.add_argument("--lr", type=positive_float, default=DEFAULT_LR,
+                   help=f"maximum one-cycle learning rate (default: {DEFAULT_LR:g})")
     t.add_argument('--dropout', type=float, default=0.5, help="head dropout (default: 0.5)")
     t.add_argument('--l2', type=float, default=0.0, help="L2 penalty (default: 0)")
     e = sub.add_parser('evaluate', help="evaluate a saved model (a folder with model.safetensors and config.json)")
     e.add_argument('model', help="model folder written by 'train' or save_model")
     _add_data_args(e)
     e.add_argument('--set', default='test', choices=['train', 'valid', 'test'], help="which set (default: test)")
+
+# %% ../nbs/08_study.ipynb #0bd08ac4
+_TUNE_OPTIONS = {  # every option of `tuning.tune_worker`, which the command runs
+    '--storage': dict(help="database URL shared by workers (default: runs/<name>/tuning.db)"),
+    '--study': dict(help="study name (default: <arch>-<metric>)"),
+    '--n-trials': dict(type=positive_int, help="trials of the whole study (default: the profile's)"),
+    '--arch': dict(default='mobilenetv2', help="architecture to tune (default: mobilenetv2)"),
+    '--metric': dict(default='f1', choices=['f1', 'kappa'], help="validation study-level metric (default: f1)"),
+    '--fit': dict(help="'module:function' to run instead of training a learner (the tests' stand-in)"),
+    '--heartbeat': dict(type=positive_int, default=10,
+                        help="seconds between heartbeats of a running trial (default: 10)"),
+}
+
+def _add_tune_command(sub):
+    "tune: one worker of a tuning study shared through its database."
     u = sub.add_parser('tune', help="join (or start) a tuning study; run one per process or machine")
     _add_data_args(u)
     u.set_defaults(seed=None)
-    u.add_argument('--storage', default=None, help="database URL shared by workers (default: runs/<name>/tuning.db)")
-    u.add_argument('--study', default=None, help="study name (default: <arch>-<metric>)")
-    u.add_argument('--n-trials', type=positive_int, default=None, help="trials of the whole study (default: the profile's)")
-    u.add_argument('--arch', default='mobilenetv2', help="architecture to tune (default: mobilenetv2)")
-    u.add_argument('--metric', default='f1', choices=['f1', 'kappa'], help="validation study-level metric (default: f1)")
-    u.add_argument('--fit', default=None, help="'module:function' to run instead of training a learner (the tests' stand-in)")
-    u.add_argument('--heartbeat', type=positive_int, default=10, help="seconds between heartbeats of a running trial (default: 10)")
-    x = sub.add_parser('explain', help="Grad-CAM, saliency and LIME overlays (PNG) and a JSON of probabilities and scores")
+    for flag, kw in _TUNE_OPTIONS.items(): u.add_argument(flag, **kw)
+
+# %% ../nbs/08_study.ipynb #f3f03606
+def _add_explain_command(sub):
+    "explain: the maps of a saved model on image files."
+    x = sub.add_parser('explain',
+                       help="Grad-CAM, saliency and LIME overlays (PNG) and a JSON of probabilities and scores")
     x.add_argument('model', help="model folder written by 'train' or save_model")
-    x.add_argument('images', nargs='+', help="image files"); x.add_argument('--out', default='explanations', help="output folder")
-    x.add_argument('--lime-samples', type=positive_int, default=1000, help="LIME perturbations per image (default: 1000)")
-    k = sub.add_parser('results', help="keep a finished run's report, tables, figures and executed notebooks in results/<name>/")
+    x.add_argument('images', nargs='+', help="image files")
+    x.add_argument('--out', default='explanations', help="output folder")
+    x.add_argument('--lime-samples', type=positive_int, default=1000,
+                   help="LIME perturbations per image (default: 1000)")
+
+def _add_kept_run_commands(sub):
+    "results and docs: keep a finished run, render the site from it."
+    k = sub.add_parser('results',
+                       help="keep a finished run's report, tables, figures and executed notebooks in results/<name>/")
     k.add_argument('--name', default='demo', help="the run under runs/ (default: demo)")
-    d = sub.add_parser('docs', help="render the docs site of a kept run into _docs/ (Quarto if installed, else nbconvert)")
+    d = sub.add_parser('docs',
+                       help="render the docs site of a kept run into _docs/ (Quarto if installed, else nbconvert)")
     d.add_argument('--results', default=None, help="a folder written by 'results' (default: results/demo)")
+
+def _add_bench_command(sub):
+    "bench: every chapter's benchmark, into the table the chapters show."
     b = sub.add_parser('bench', help="every chapter's benchmark ratio in one table")
     b.add_argument('--only', nargs='+', default=list(BENCHMARKS), choices=BENCHMARKS, help="chapters to benchmark")
     b.add_argument('--size', type=positive_int, default=224, help="input side (default: 224)")
-    b.add_argument('--device', default='cpu', help="where the loader, prediction and training benchmarks run (default: cpu)")
-    b.add_argument('--out', default=None, help="the table to write (default: results/bench.csv, which the chapters show)")
+    b.add_argument('--device', default='cpu',
+                   help="where the loader, prediction and training benchmarks run (default: cpu)")
+    b.add_argument('--out', default=None,
+                   help="the table to write (default: results/bench.csv, which the chapters show)")
+
+# %% ../nbs/08_study.ipynb #8b7441a5
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog='mura-study', description="Musculoskeletal radiograph classification on MURA: "
+                "reproduce the study, or run one step of it. 'mura-study COMMAND --help' explains each command.")
+    sub = p.add_subparsers(dest='cmd', metavar='COMMAND', parser_class=_Parser)
+    for add in (_add_run_commands, _add_model_commands, _add_tune_command, _add_explain_command, _add_kept_run_commands,
+                _add_bench_command): add(sub)
     return p
 
 # %% ../nbs/08_study.ipynb #34c41077
-USER_ERRORS = (NotReady, RunBusy, ValueError, FloatingPointError,  # a bad value, a training that diverged
-               FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
-
 def _run(a) -> int:
     "Run the parsed command `a`; return its exit status."
     if a.cmd == 'reproduce':
@@ -477,14 +558,20 @@ def _run(a) -> int:
     if a.cmd == 'evaluate': return _evaluate(a)
     if a.cmd == 'tune':
         tuning.tune_worker(storage=a.storage, study=a.study, n_trials=a.n_trials, arch=a.arch if a.fit else _arch(a),
-                           metric=a.metric, profile=a.profile, name=a.name, data=a.data, protocol=a.protocol, seed=a.seed,
-                           fit=a.fit, heartbeat=a.heartbeat)
+                           metric=a.metric, profile=a.profile, name=a.name, data=a.data, protocol=a.protocol,
+                           seed=a.seed, fit=a.fit, heartbeat=a.heartbeat)
         return 0
-    if a.cmd == 'explain': print(interpret.explain_to_files(a.model, a.images, a.out, lime_samples=a.lime_samples)); return 0
+    if a.cmd == 'explain':
+        print(interpret.explain_to_files(a.model, a.images, a.out, lime_samples=a.lime_samples)); return 0
     if a.cmd == 'results': print(snapshot_run(run_dir(a.name), project_root()/'results'/a.name)); return 0
     if a.cmd == 'docs': pages = build_docs(a.results); print(f"{len(pages)} pages in {pages[0].parent}"); return 0
     if a.cmd == 'bench': return _bench(a)
 
+# %% ../nbs/08_study.ipynb #2db09316
+USER_ERRORS = (NotReady, RunBusy, ValueError, FloatingPointError,  # a bad value, a training that diverged
+               FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+# %% ../nbs/08_study.ipynb #d18d9194
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `mura-study` command: a user's error is one line and status 2."
     a = _parser().parse_args(argv)
@@ -493,5 +580,6 @@ def main(argv:list[str]|None=None) -> int:
     except USER_ERRORS as e:
         msg = str(e).strip() or type(e).__name__
         lines = msg.splitlines()
-        if len(lines) > 1: msg = lines[0].rstrip(':') + ':\n' + '\n'.join(f"  - {l.lstrip(' -')}" for l in lines[1:])
+        if len(lines) > 1:
+            msg = lines[0].rstrip(':') + ':\n' + '\n'.join(f"  - {line.lstrip(' -')}" for line in lines[1:])
         print(f"mura-study {a.cmd}: {msg}", file=sys.stderr); return 2

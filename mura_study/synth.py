@@ -20,15 +20,22 @@ from tqdm.auto import tqdm
 from .core import *
 
 # %% auto #0
-__all__ = ['BODY_PARTS', 'PART_IMAGES', 'ABNORMAL_RATE', 'FINDINGS', 'ANATOMY', 'FRAME', 'FINDABLE', 'MIN_SIDE', 'SETTINGS_FILE',
-           'JOURNAL', 'CSVS', 'plan_mura', 'Bone', 'patient_traits', 'study_findings', 'render_view', 'synth_settings',
-           'make_mura', 'plan_counts', 'example_grid']
+__all__ = ['BODY_PARTS', 'PART_IMAGES', 'ABNORMAL_RATE', 'FINDINGS', 'ANATOMY', 'FRAME', 'FINDABLE', 'MIN_SIDE', 'JOURNAL',
+           'CSVS', 'SETTINGS_FILE', 'plan_mura', 'Bone', 'patient_traits', 'study_findings', 'render_view',
+           'synth_settings', 'make_mura', 'plan_counts', 'example_grid']
 
-# %% ../nbs/01_synth.ipynb #f31ded28
+# %% ../nbs/01_synth.ipynb #a3eea7a2
 BODY_PARTS = ('ELBOW', 'FINGER', 'FOREARM', 'HAND', 'HUMERUS', 'SHOULDER', 'WRIST')
-# MURA-v1.1 train images per body part, and the share of them in abnormal studies (MURA.md)
+
+# %% ../nbs/01_synth.ipynb #4b47892a
+# MURA-v1.1 train images per body part (MURA.md)
 PART_IMAGES = dict(ELBOW=4931, FINGER=5106, FOREARM=1825, HAND=5543, HUMERUS=1272, SHOULDER=8379, WRIST=9752)
+
+# %% ../nbs/01_synth.ipynb #37ffa3bd
+# share of each body part's train images that lie in abnormal studies (MURA.md)
 ABNORMAL_RATE = dict(ELBOW=.41, FINGER=.39, FOREARM=.36, HAND=.27, HUMERUS=.47, SHOULDER=.50, WRIST=.41)
+
+# %% ../nbs/01_synth.ipynb #0766fc65
 FINDINGS = ('fracture', 'hardware', 'lesion')
 
 # %% ../nbs/01_synth.ipynb #4ee74169
@@ -79,99 +86,132 @@ def plan_mura(n_patients:int=200, # patients in train and valid together
                   + '_' + df.label.map({0: 'negative', 1: 'positive'}) + '/image' + df.view.astype(str) + '.png')
     return df
 
-# %% ../nbs/01_synth.ipynb #3c7c84ef
+# %% ../nbs/01_synth.ipynb #cd9b68ea
 @dataclass(frozen=True)
 class Bone:
-    "A tube from `a` to `b` with shaft radius `r`, end flares `fa`/`fb`, cortex share `cort`."
-    name:str; a:tuple; b:tuple; r:float; fa:float=1.4; fb:float=1.4; cort:float=.35; dens:float=1.
+    "A bone drawn as a hollow tube with flared ends, in the canonical frame or in pixels."
+    name:str # what `FINDABLE`, findings and rings call it
+    a:tuple # one end, (x, y)
+    b:tuple # the other end, (x, y)
+    r:float # shaft radius
+    fa:float=1.4 # flare at `a`: the end's radius over the shaft's
+    fb:float=1.4 # flare at `b`
+    cort:float=.35 # share of the radius that is dense cortex
+    dens:float=1. # density, which scales the whole shadow
 
+# %% ../nbs/01_synth.ipynb #3ed3dd0b
 def _chain(names, start, angle, lengths, radii, bend=0., gap=.03, **kw) -> list:
     "Bones laid end to end from `start`, `angle` radians from straight up, bending `bend` at each joint."
     bones, p = [], np.asarray(start, float)
-    for n, l, r in zip(names, lengths, radii):
+    for n, ln, r in zip(names, lengths, radii):
         d = np.array([math.sin(angle), -math.cos(angle)])
-        bones.append(Bone(n, tuple(p), tuple(p + d*l), r, **kw)); p, angle = p + d*(l+gap), angle + bend
+        bones.append(Bone(n, tuple(p), tuple(p + d*ln), r=r, **kw)); p, angle = p + d*(ln+gap), angle + bend
     return bones
 
-# %% ../nbs/01_synth.ipynb #8f7a98be
+# %% ../nbs/01_synth.ipynb #2e142e96
 def _digits(tr, lat, base, n=4, scale=1.) -> tuple:
     "Metacarpals and phalanges of the long fingers, fanned in AP and stacked in lateral views."
-    bones, soft, l, r = [], [], tr['ls']*scale, tr['rs']*scale
+    bones, soft, ls, rs = [], [], tr['ls']*scale, tr['rs']*scale
     fan, xs = np.array([-.2, -.07, .05, .17])*(1-.8*lat), np.array([-.09, -.03, .03, .09])*(1-.6*lat)
     lens = np.array([[.27, .16, .1, .07], [.26, .17, .11, .075], [.24, .16, .1, .07], [.22, .13, .08, .06]])
     for i in range(4-n, 4):
-        ch = _chain([f'mc{i+2}', f'p1_{i+2}', f'p2_{i+2}', f'p3_{i+2}'], (base[0]+xs[i]*scale, base[1]), fan[i],
-                    lens[i]*l, np.array([.028, .024, .02, .017])*r, bend=.25*lat, gap=.028*l, fa=1.25, fb=1.45)
-        bones += ch; soft += [(b.a, b.b, .042*r+.012) for b in ch[1:]]
+        ch = _chain([f'mc{i+2}', f'p1_{i+2}', f'p2_{i+2}', f'p3_{i+2}'], (base[0]+xs[i]*scale, base[1]), angle=fan[i],
+                    lengths=lens[i]*ls, radii=np.array([.028, .024, .02, .017])*rs, bend=.25*lat, gap=.028*ls,
+                    fa=1.25, fb=1.45)
+        bones += ch; soft += [(b.a, b.b, .042*rs+.012) for b in ch[1:]]
     return bones, soft
 
+# %% ../nbs/01_synth.ipynb #2a1cb4e3
 def _carpals(tr, centre, r) -> list:
     "Eight small carpal bones on two rows, jittered per patient."
     g = [(x, y) for y in (-.05, .05) for x in (-.105, -.035, .035, .105)]
-    return [Bone(f'carpal{i}', (centre[0]+x*r/.04+j[0], centre[1]+y*r/.04+j[1]), (centre[0]+x*r/.04+j[0]+.012, centre[1]+y*r/.04+j[1]+.01),
-                 r*tr['rs'], 1., 1., .2, .8) for i, ((x, y), j) in enumerate(zip(g, tr['carpal']))]
+    bones = []
+    for i, ((x, y), j) in enumerate(zip(g, tr['carpal'])):
+        a = (centre[0]+x*r/.04+j[0], centre[1]+y*r/.04+j[1])
+        bones.append(Bone(f'carpal{i}', a, (a[0]+.012, a[1]+.01), r=r*tr['rs'], fa=1., fb=1., cort=.2, dens=.8))
+    return bones
 
-# %% ../nbs/01_synth.ipynb #e0590cad
+# %% ../nbs/01_synth.ipynb #a82ec9b2
 def _finger(tr, lat):
     "A finger: metacarpal head and three phalanges, flexed in lateral views."
-    l, r = tr['ls'], tr['rs']
-    bones = _chain(['mc', 'p1', 'p2', 'p3'], (0, .8), -.05, np.array([.32, .36, .23, .16])*l,
-                   np.array([.055, .05, .042, .035])*r, bend=.3*lat, gap=.035*l, fa=1.3, fb=1.45)
+    ls, rs = tr['ls'], tr['rs']
+    bones = _chain(['mc', 'p1', 'p2', 'p3'], (0, .8), angle=-.05, lengths=np.array([.32, .36, .23, .16])*ls,
+                   radii=np.array([.055, .05, .042, .035])*rs, bend=.3*lat, gap=.035*ls, fa=1.3, fb=1.45)
     return bones, [(b.a, b.b, b.r*1.9+.03) for b in bones]
 
+# %% ../nbs/01_synth.ipynb #304a885a
 def _hand(tr, lat):
     "A hand: distal forearm, carpals, five metacarpals and their phalanges."
+    ls, rs = tr['ls'], tr['rs']
     bones, soft = _digits(tr, lat, (0, .2))
-    thumb = _chain(['mc1', 'p1_1', 'p3_1'], (-.11+.06*lat, .26), -.75+.4*lat, np.array([.16, .12, .09])*tr['ls'],
-                   np.array([.028, .025, .02])*tr['rs'], gap=.025, fa=1.25, fb=1.45)
-    forearm = [Bone('radius', (-.05, .8), (-.06, .42), .045*tr['rs'], 1.2, 1.7), Bone('ulna', (.1-.1*lat, .8), (.1-.1*lat, .45), .032*tr['rs'], 1.2, 1.3)]
+    thumb = _chain(['mc1', 'p1_1', 'p3_1'], (-.11+.06*lat, .26), angle=-.75+.4*lat,
+                   lengths=np.array([.16, .12, .09])*ls, radii=np.array([.028, .025, .02])*rs, gap=.025,
+                   fa=1.25, fb=1.45)
+    forearm = [Bone('radius', (-.05, .8), (-.06, .42), r=.045*rs, fa=1.2, fb=1.7),
+               Bone('ulna', (.1-.1*lat, .8), (.1-.1*lat, .45), r=.032*rs, fa=1.2, fb=1.3)]
     soft += [((0, .36), (0, .02), .17), ((.02, .4), (.02, .9), .16)] + [(b.a, b.b, .05) for b in thumb]
-    return bones + thumb + forearm + _carpals(tr, (0, .32), .03), soft
+    return bones + thumb + forearm + _carpals(tr, (0, .32), r=.03), soft
 
+# %% ../nbs/01_synth.ipynb #c27ff4ea
 def _wrist(tr, lat):
     "A wrist: distal radius and ulna, carpals and the metacarpal bases."
     rs = tr['rs']
-    bones = [Bone('radius', (-.07, .8), (-.07, .1), .055*rs, 1.2, 1.9), Bone('ulna', (.11-.14*lat, .8), (.11-.14*lat, .14), .04*rs, 1.2, 1.3)]
-    bones += [Bone(f'mc{i+2}', (x*(1-.5*lat), -.18), (x*(1-.5*lat)*1.3, -.75), .034*rs, 1.4, 1.) for i, x in enumerate((-.15, -.05, .04, .12))]
-    bones += _chain(['mc1'], (-.18, -.12), -.55+.3*lat, [.28], [.035*rs])
-    return bones + _carpals(tr, (0, -.02), .045), [((0, .9), (0, -.8), .26)]
+    bones = [Bone('radius', (-.07, .8), (-.07, .1), r=.055*rs, fa=1.2, fb=1.9),
+             Bone('ulna', (.11-.14*lat, .8), (.11-.14*lat, .14), r=.04*rs, fa=1.2, fb=1.3)]
+    bones += [Bone(f'mc{i+2}', (x*(1-.5*lat), -.18), (x*(1-.5*lat)*1.3, -.75), r=.034*rs, fa=1.4, fb=1.)
+              for i, x in enumerate((-.15, -.05, .04, .12))]
+    bones += _chain(['mc1'], (-.18, -.12), angle=-.55+.3*lat, lengths=[.28], radii=[.035*rs])
+    return bones + _carpals(tr, (0, -.02), r=.045), [((0, .9), (0, -.8), .26)]
 
-# %% ../nbs/01_synth.ipynb #8391a9ef
+# %% ../nbs/01_synth.ipynb #b12b1a14
 def _forearm(tr, lat):
     "A forearm: radius and ulna side by side in AP, overlapping in lateral views."
     rs, x = tr['rs'], .06*(1-.7*lat)
-    bones = [Bone('radius', (-x, .62), (-x-.01, -.62), .04*rs, 1.6, 1.3), Bone('ulna', (x, .62), (x*.8, -.62), .038*rs, 1.2, 1.7)]
+    bones = [Bone('radius', (-x, .62), (-x-.01, -.62), r=.04*rs, fa=1.6, fb=1.3),
+             Bone('ulna', (x, .62), (x*.8, -.62), r=.038*rs, fa=1.2, fb=1.7)]
     return bones, [((0, .7), (0, -.7), .17)]
 
+# %% ../nbs/01_synth.ipynb #9bc510a6
 def _elbow(tr, lat):
     "An elbow: distal humerus with its condyles, proximal radius and ulna, flexed in lateral views."
     rs, flex = tr['rs'], math.pi - 1.45*lat
-    bones = [Bone('humerus', (0, -.75), (0, .02), .05*rs, 1., 2.3)]
-    bones += _chain(['radius'], (-.05+.05*lat, .08), flex, [.8], [.035*rs], fa=1.4, fb=1.)
-    bones += _chain(['ulna'], (.045, -.01), flex+.05, [.85], [.04*rs], fa=1.6, fb=1.)
+    bones = [Bone('humerus', (0, -.75), (0, .02), r=.05*rs, fa=1., fb=2.3)]
+    bones += _chain(['radius'], (-.05+.05*lat, .08), angle=flex, lengths=[.8], radii=[.035*rs], fa=1.4, fb=1.)
+    bones += _chain(['ulna'], (.045, -.01), angle=flex+.05, lengths=[.85], radii=[.04*rs], fa=1.6, fb=1.)
     return bones, [((0, -.8), (0, .03), .2), (bones[1].a, bones[1].b, .17)]
 
+# %% ../nbs/01_synth.ipynb #7f466188
 def _humerus(tr, lat):
     "An arm: the humerus with head and condyles, and the edge of the scapula."
     rs = tr['rs']
-    bones = [Bone('humerus', (.02, -.62), (-.01+.04*lat, .62), .045*rs, 2.6, 2.),
-             Bone('scapula', (-.32, -.62), (-.24, -.36), .05*rs, 1., 1., .15, .5)]
+    bones = [Bone('humerus', (.02, -.62), (-.01+.04*lat, .62), r=.045*rs, fa=2.6, fb=2.),
+             Bone('scapula', (-.32, -.62), (-.24, -.36), r=.05*rs, fa=1., fb=1., cort=.15, dens=.5)]
     return bones, [((0, -.7), (0, .7), .19)]
 
+# %% ../nbs/01_synth.ipynb #bb58a4db
 def _shoulder(tr, lat):
     "A shoulder: humeral head and neck, glenoid, scapula, acromion, clavicle and ribs."
     rs = tr['rs']
-    bones = [Bone('humerus', (.06, -.24), (.14+.2*lat, .9), .055*rs, 2.4, 1.),
-             Bone('scapula', (-.14+.05*lat, -.02), (-.42+.15*lat, .45), .11*rs, 1., 1., .12, .45),
-             Bone('glenoid', (-.1, -.13), (-.09, .09), .03*rs, 1.2, 1.2),
-             Bone('acromion', (-.22, -.3), (.12, -.3), .03*rs), Bone('clavicle', (-.6, -.24), (.02, -.34), .033*rs, 1.2, 1.3)]
-    bones += [Bone(f'rib{i}', (-.6, y), (-.18, y-.06), .018, 1., 1., .4, .6) for i, y in enumerate((.12, .3, .48))]
+    bones = [Bone('humerus', (.06, -.24), (.14+.2*lat, .9), r=.055*rs, fa=2.4, fb=1.),
+             Bone('scapula', (-.14+.05*lat, -.02), (-.42+.15*lat, .45), r=.11*rs, fa=1., fb=1., cort=.12, dens=.45),
+             Bone('glenoid', (-.1, -.13), (-.09, .09), r=.03*rs, fa=1.2, fb=1.2),
+             Bone('acromion', (-.22, -.3), (.12, -.3), r=.03*rs),
+             Bone('clavicle', (-.6, -.24), (.02, -.34), r=.033*rs, fa=1.2, fb=1.3)]
+    bones += [Bone(f'rib{i}', (-.6, y), (-.18, y-.06), r=.018, fa=1., fb=1., cort=.4, dens=.6)
+              for i, y in enumerate((.12, .3, .48))]
     return bones, [((-.7, .25), (.1, .25), .5), ((.1, -.1), (.18, .9), .21)]
 
-# %% ../nbs/01_synth.ipynb #dce5bc30
-ANATOMY = dict(ELBOW=_elbow, FINGER=_finger, FOREARM=_forearm, HAND=_hand, HUMERUS=_humerus, SHOULDER=_shoulder, WRIST=_wrist)
-# canonical half-width and half-height of the field of view, and the bones a finding may sit on
-FRAME = dict(ELBOW=(.45, .45), FINGER=(.3, .5), FOREARM=(.3, .5), HAND=(.42, .5), HUMERUS=(.3, .5), SHOULDER=(.5, .42), WRIST=(.4, .5))
+# %% ../nbs/01_synth.ipynb #ad6a76b7
+ANATOMY = dict(ELBOW=_elbow, FINGER=_finger, FOREARM=_forearm, HAND=_hand, HUMERUS=_humerus, SHOULDER=_shoulder,
+               WRIST=_wrist)
+
+# %% ../nbs/01_synth.ipynb #c6404f90
+# canonical half-width and half-height of each body part's field of view
+FRAME = dict(ELBOW=(.45, .45), FINGER=(.3, .5), FOREARM=(.3, .5), HAND=(.42, .5), HUMERUS=(.3, .5),
+             SHOULDER=(.5, .42), WRIST=(.4, .5))
+
+# %% ../nbs/01_synth.ipynb #08d2d548
+# the bones a finding may sit on; a name listed twice is drawn twice as often
 FINDABLE = dict(ELBOW=('humerus', 'radius', 'ulna'), FINGER=('p1', 'p2', 'p3'), FOREARM=('radius', 'ulna'),
                 HAND=('mc2', 'mc3', 'mc4', 'mc5', 'p1_2', 'p1_3', 'p1_4'), HUMERUS=('humerus',),
                 SHOULDER=('humerus', 'clavicle'), WRIST=('radius', 'radius', 'ulna', 'mc3'))
@@ -211,16 +251,24 @@ def _finding(kind, part, tr, rng) -> dict:
         shift = rng.uniform(.7, 1.3)*rng.choice([-1, 1]) if rng.random() < .85 else 0.
         return dict(kind=kind, bone=name, t=t, tilt=rng.uniform(-.6, .6), gap=rng.uniform(.035, .05), shift=shift,
                     angle=rng.uniform(.12, .35)*rng.choice([-1, 1])*(shift != 0), jag=rng.uniform(.002, .006),
-                    phase=rng.uniform(0, 6.3), swell=rng.uniform(.6, 1.), callus=rng.uniform(.4, .8)*(rng.random() < .35))
+                    phase=rng.uniform(0, 6.3), swell=rng.uniform(.6, 1.),
+                    callus=rng.uniform(.4, .8)*(rng.random() < .35))
     if kind == 'lesion':
         ra = rng.uniform(1.1, 1.5)
         return dict(kind=kind, bone=name, t=t, off=rng.uniform(-.3, .3), ra=ra, rb=rng.uniform(1.3, 1.8),
-                    depth=rng.uniform(.85, 1.), rim=rng.uniform(.6, 1.), breach=rng.uniform(0, 6.3) if rng.random() < .6 else None)
+                    depth=rng.uniform(.85, 1.), rim=rng.uniform(.6, 1.),
+                    breach=rng.uniform(0, 6.3) if rng.random() < .6 else None)
     return dict(kind=kind, bone=name, t=t, half=rng.uniform(.14, .22), side=float(rng.choice([-1, 1])),
                 screws=int(rng.integers(3, 7)))
 
 # %% ../nbs/01_synth.ipynb #ec1db286
-def study_findings(seed:int, pid:int, part:str, study:int, findings:str, n_views:int) -> list:
+def study_findings(seed:int, # dataset seed
+                   pid:int, # patient number
+                   part:str, # body part, one of `BODY_PARTS`
+                   study:int, # study number within the patient's body part
+                   findings:str, # the plan's `findings`: kinds joined by '+', or ''
+                   n_views:int, # views in the study
+                  ) -> list:
     "The findings of one study, each with the views it shows on; a patient's hardware is the same in every study."
     rng, out = np.random.default_rng([seed, pid, BODY_PARTS.index(part), study, 2]), []
     tr = patient_traits(seed, pid)
@@ -287,7 +335,8 @@ def _fracture(b:Bone, f, sc, X, Y):
     c = np.add(b.a, f['t']*np.subtract(b.b, b.a))
     m = u*math.cos(f['tilt']) + n*math.sin(f['tilt'])   # normal of the fracture line
     g, jag = f['gap']*sc/2, f['jag']*sc
-    wave = lambda cx, cy, mm: ((X-cx)*mm[0] + (Y-cy)*mm[1]) + jag*np.sin(((X-cx)*mm[1] - (Y-cy)*mm[0])/(.35*b.r) + f['phase'])
+    wave = lambda cx, cy, mm: (((X-cx)*mm[0] + (Y-cy)*mm[1])
+                               + jag*np.sin(((X-cx)*mm[1] - (Y-cy)*mm[0])/(.35*b.r) + f['phase']))
     near = _bone_shadow(b, X, Y)*(wave(*c, m) < -g)
     shift = math.copysign(max(abs(f['shift'])*b.r, .03*sc), f['shift']) if f['shift'] else 0.
     ca, sa, dv = math.cos(f['angle']), math.sin(f['angle']), n*shift
@@ -327,7 +376,8 @@ def _hardware(b:Bone, f, X, Y):
     plate = np.clip(hl - np.abs(al), 0, 1)*np.clip(hw - np.abs(ac - off), 0, 1)
     pos = np.linspace(-hl*.8, hl*.8, f['screws'])
     thread = .16*b.r*(1 + .3*np.sin(ac/(.07*b.r + .3)))
-    screws = np.clip(thread - np.abs(al[..., None] - pos).min(-1), 0, 1)*np.clip(1.35*b.r - np.abs(ac - f['side']*.2*b.r), 0, 1)
+    screws = (np.clip(thread - np.abs(al[..., None] - pos).min(-1), 0, 1)
+              * np.clip(1.35*b.r - np.abs(ac - f['side']*.2*b.r), 0, 1))
     ext = np.abs(u)*hl + np.abs(n)*1.4*b.r
     return 3.*np.maximum(plate, screws), [c - ext + n*f['side']*.1*b.r - 1, c + ext + n*f['side']*.1*b.r + 1]
 
@@ -358,7 +408,8 @@ def _anatomy_shadows(part, tr, lat, fs, size, rng):
         if (g := _region([f(a), f(b)], R*sc, shape)) is None: continue
         _, d, _ = _axes(f(a), f(b), g[1], g[2])
         S[g[0]] = np.maximum(S[g[0]], np.sqrt(np.clip(1 - (d/(R*sc))**2, 0, 1)))
-    tex = ndimage.zoom(rng.normal(0, 1, (shape[0]//8 + 2, shape[1]//8 + 2)).astype(np.float32), 8, order=1)[:shape[0], :shape[1]]
+    grain = rng.normal(0, 1, (shape[0]//8 + 2, shape[1]//8 + 2)).astype(np.float32)
+    tex = ndimage.zoom(grain, 8, order=1)[:shape[0], :shape[1]]
     for b in (_to_px(b, f, sc) for b in bones):
         A, S = _bone_into(A, S, b, fs, tr, sc, tex, boxes)
     return A + tr['soft']*S, boxes
@@ -373,7 +424,7 @@ def _bone_into(A, S, b, fs, tr, sc, tex, boxes):
     for x in mine:
         if x['kind'] == 'fracture':
             sh, corners = _fracture(b, x, sc, X, Y)
-            S = _swelling(S, np.add(b.a, x['t']*np.subtract(b.b, b.a)), x['swell'], max(3*b.r, .05*sc))
+            S = _swelling(S, np.add(b.a, x['t']*np.subtract(b.b, b.a)), amp=x['swell'], sd=max(3*b.r, .05*sc))
         elif x['kind'] == 'lesion': sh, corners = _lesion(b, x, sc, X, Y)
         else: continue
         boxes.append((corners, x['kind']))
@@ -448,8 +499,9 @@ def render_view(part:str, # body part, one of `BODY_PARTS`
 def _write_image(job) -> tuple:
     "Render and save one planned image, renamed into place whole; return its path and its boxes."
     root, size, seed, rgb_rate, r = job
-    fs = study_findings(seed, r['pid'], r['body_part'], r['study'], r['findings'], r['n_views'])
-    im, boxes = render_view(r['body_part'], fs, size, seed, r['pid'], r['study'], r['view'])
+    fs = study_findings(seed=seed, pid=r['pid'], part=r['body_part'], study=r['study'], findings=r['findings'],
+                        n_views=r['n_views'])
+    im, boxes = render_view(r['body_part'], fs, size=size, seed=seed, pid=r['pid'], study=r['study'], view=r['view'])
     rgb = np.random.default_rng([seed, r['pid'], BODY_PARTS.index(r['body_part']), r['study'], r['view'], 5]).random()
     if rgb < rgb_rate: im = im.convert('RGB')
     p = Path(root)/r['path']
@@ -464,7 +516,7 @@ def _write_csvs(root:Path, plan:pd.DataFrame, boxes:list):
         with atomic_write(root/f'{split}_image_paths.csv') as t: t.write_text(''.join(p + '\n' for p in d.path))
         st = d.drop_duplicates(['pid', 'body_part', 'study'])
         with atomic_write(root/f'{split}_labeled_studies.csv') as t:
-            t.write_text(''.join(f"{p.rsplit('/', 1)[0]}/,{l}\n" for p, l in zip(st.path, st.label)))
+            t.write_text(''.join(f"{p.rsplit('/', 1)[0]}/,{lab}\n" for p, lab in zip(st.path, st.label)))
     with atomic_write(root/'lesion_boxes.csv') as t:
         table = pd.DataFrame(boxes, columns=['path', 'x0', 'y0', 'x1', 'y1', 'kind'])
         table.to_csv(t, index=False, lineterminator='\n')
@@ -514,17 +566,20 @@ def _rendered(jobs:list, n_workers:int, desc:str, progress:bool):
     try: yield from tqdm(ex.map(_write_image, jobs, chunksize=16), **bar)
     finally: ex.shutdown(cancel_futures=True)  # on an error, the images not yet started are dropped
 
-# %% ../nbs/01_synth.ipynb #9cc7446c
-SETTINGS_FILE, JOURNAL = '.synth.json', '.synth-written.jsonl'
-CSVS = ('train_image_paths.csv', 'train_labeled_studies.csv', 'valid_image_paths.csv', 'valid_labeled_studies.csv',
-        'lesion_boxes.csv')
-
+# %% ../nbs/01_synth.ipynb #22849986
 def _png_complete(p:Path) -> bool:
     "Whether `p` is a whole PNG file: each chunk's checksum right, up to the end chunk and its own checksum."
     try:
         with Image.open(p) as im: im.verify()  # stops short of the end chunk's checksum
         with open(p, 'rb') as f: f.seek(-12, os.SEEK_END); return f.read() == b'\0\0\0\0IEND\xaeB`\x82'
     except Exception: return False  # PIL raises a dozen kinds of error on a broken file
+
+# %% ../nbs/01_synth.ipynb #163749e2
+JOURNAL = '.synth-written.jsonl'  # one line per image written: its path and its boxes
+
+# %% ../nbs/01_synth.ipynb #a9447470
+CSVS = ('train_image_paths.csv', 'train_labeled_studies.csv', 'valid_image_paths.csv', 'valid_labeled_studies.csv',
+        'lesion_boxes.csv')
 
 def _written(root:Path) -> dict:
     "Boxes, by path, of the images `root` already holds: from its journal, or from its CSVs when it is complete."
@@ -543,6 +598,8 @@ def _written(root:Path) -> dict:
     return done
 
 # %% ../nbs/01_synth.ipynb #520c5885
+SETTINGS_FILE = '.synth.json'  # the settings a set was made with, written before its first image
+
 def _resume(root:Path, settings:dict) -> dict:
     "Boxes of the whole images an earlier `make_mura` with `settings` left in `root`; another set's folder is refused."
     stray = lambda p: p.name.startswith('.') and p.name.endswith('.tmp')  # left by a kill inside `atomic_write`
@@ -597,18 +654,21 @@ def example_grid(root:Path, # a `MURA-v1.1` folder written by `make_mura`
                  seed:int=0, # which images to pick
                 ):
     "A matplotlib figure of images per body part with their findings' boxes."
-    paths = pd.concat([pd.read_csv(root/f'{s}_image_paths.csv', header=None, names=['path']) for s in ('train', 'valid')])
+    paths = pd.concat([pd.read_csv(root/f'{s}_image_paths.csv', header=None, names=['path'])
+                       for s in ('train', 'valid')])
     paths['part'], paths['abn'] = paths.path.str.split('/').str[2].str[3:], paths.path.str.contains('_positive/')
     boxes = pd.read_csv(root/'lesion_boxes.csv')
     fig, axs = plt.subplots(per_part, len(BODY_PARTS), figsize=(2*len(BODY_PARTS), 2.2*per_part), squeeze=False)
     for j, part in enumerate(BODY_PARTS):
-        d = paths[paths.part == part].sample(frac=1, random_state=seed).sort_values('abn', ascending=False, kind='stable')
+        d = paths[paths.part == part].sample(frac=1, random_state=seed)
+        d = d.sort_values('abn', ascending=False, kind='stable')
         for i, ax in enumerate(axs[:, j]):
             ax.axis('off')
             if i >= len(d): continue
             p = d.path.iloc[i]; ax.imshow(Image.open(root.parent/p).convert('L'), cmap='gray', vmin=0, vmax=255)
             for b in boxes[boxes.path == p].itertuples():
-                ax.add_patch(mpatches.Rectangle((b.x0, b.y0), b.x1-b.x0, b.y1-b.y0, fill=False, ec='yellow' if b.kind == 'hardware' else 'red', lw=1))
+                ec = 'yellow' if b.kind == 'hardware' else 'red'
+                ax.add_patch(mpatches.Rectangle((b.x0, b.y0), b.x1-b.x0, b.y1-b.y0, fill=False, ec=ec, lw=1))
             ax.set_title(f"{part.lower()} {'abnormal' if d.abn.iloc[i] else 'normal'}", fontsize=8)
     fig.suptitle('Synthetic radiographs per body part: red boxes mark findings, yellow boxes hardware', fontsize=10)
     fig.tight_layout()

@@ -25,28 +25,32 @@ from fastai.torch_core import to_detach
 from . import core
 from .core import *
 from .data import read_mura, protocol, mura_dataloaders
+from .metrics import binary_metrics, paired_bootstrap, study_frame
 from .learner import ARCHS, mura_learner, train, evaluate
-from .metrics import paired_bootstrap
 
 # %% auto #0
-__all__ = ['SPACE', 'LIMITS', 'METRICS', 'COUNTED', 'BASELINE', 'SEARCH_PLOTS', 'search_space', 'space_attr', 'storage_url',
-           'open_storage', 'open_study', 'SurplusTrial', 'wait_for_slot', 'trial_objective', 'run_trials', 'tune',
+__all__ = ['SPACE', 'LIMITS', 'COUNTED', 'METRICS', 'BASELINE', 'SEARCH_PLOTS', 'search_space', 'space_attr', 'storage_url',
+           'open_storage', 'open_study', 'wait_for_slot', 'SurplusTrial', 'trial_objective', 'run_trials', 'tune',
            'TrialReport', 'config_learner', 'learner_fit', 'run_images', 'best_config', 'compare_tuned', 'tuning_table',
            'tuning_figures', 'load_fit', 'study_summary', 'tune_worker']
 
 # %% ../nbs/05_tuning.ipynb #04c65de3
 SPACE = {'lr': (1e-5, 1e-1, True), 'dropout': (0.0, 0.7, False), 'l2': (1e-6, 1e-1, True)}
+
+# %% ../nbs/05_tuning.ipynb #ecb12c11
 LIMITS = {'lr': (1e-12, 10.0), 'dropout': (0.0, 0.95), 'l2': (0.0, 10.0)}
 
 def _distribution(k:str, v) -> FloatDistribution|float:
-    "One validated entry of a search space."
+    "One validated entry of a search space: its distribution, or the pinned value."
     fixed = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if not fixed and not (isinstance(v, (tuple, list)) and len(v) in (2, 3) and all(isinstance(x, (int, float)) for x in v)):
+    pair = isinstance(v, (tuple, list)) and len(v) in (2, 3) and all(isinstance(x, (int, float)) for x in v)
+    if not (fixed or pair):
         raise ValueError(f"Search space entry {k}={v!r}: give (low, high), (low, high, log) or one number to pin it.")
-    lo, hi, log = (float(v), float(v), False) if fixed else (float(v[0]), float(v[1]), bool(v[2]) if len(v) == 3 else SPACE[k][2])
+    lo, hi = (float(v), float(v)) if fixed else (float(v[0]), float(v[1]))
+    log = False if fixed else bool(v[2]) if len(v) == 3 else SPACE[k][2]
     if not (LIMITS[k][0] <= lo <= hi <= LIMITS[k][1]) or (not fixed and lo == hi) or (log and lo <= 0):
-        raise ValueError(f"Search space entry {k}={v!r} is out of range: need {LIMITS[k][0]:g} <= low < high <= {LIMITS[k][1]:g}"
-                         f"{' and low > 0 on a log scale' if log else ''}.")
+        raise ValueError(f"Search space entry {k}={v!r} is out of range: need {LIMITS[k][0]:g} <= low < high <= "
+                         f"{LIMITS[k][1]:g}{' and low > 0 on a log scale' if log else ''}.")
     return lo if fixed else FloatDistribution(lo, hi, log=log)
 
 # %% ../nbs/05_tuning.ipynb #848d906a
@@ -77,7 +81,8 @@ def _rdb_storage(url:str, engine_kwargs:dict, heartbeat:int, attempts:int=4) -> 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', ExperimentalWarning)  # heartbeat_interval is marked experimental
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3*heartbeat)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                                                  grace_period=3*heartbeat)
         except sqlalchemy.exc.SQLAlchemyError as e:
             # workers creating the schema at the same instant collide on Optuna's alembic_version row or tables
             race = isinstance(e, sqlalchemy.exc.IntegrityError) or 'already exists' in str(e)
@@ -93,22 +98,24 @@ def open_storage(storage:str|None=None, # a database URL; None: `runs/<name>/tun
     "Connect to the study database, failing fast with a clear message when it cannot be reached."
     url = storage_url(storage, name)
     try: u = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError: raise ValueError(f"{url!r} is not a database URL; e.g. sqlite:///tuning.db or postgresql://user@host/db.") from None
-    if u.drivername == 'postgresql' and not importlib.util.find_spec('psycopg') and importlib.util.find_spec('psycopg2'):
+    except sqlalchemy.exc.ArgumentError:
+        raise ValueError(f"{url!r} is not a database URL; "
+                         "e.g. sqlite:///tuning.db or postgresql://user@host/db.") from None
+    psycopg2_only = importlib.util.find_spec('psycopg2') and not importlib.util.find_spec('psycopg')
+    if u.drivername == 'postgresql' and psycopg2_only:
         u = u.set(drivername='postgresql+psycopg2')  # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
     shown = u.render_as_string(hide_password=True)
     connect = {'sqlite': {'timeout': 60}}.get(u.get_backend_name(), {'connect_timeout': connect_timeout})
-    try: return _rdb_storage(u.render_as_string(hide_password=False), {'connect_args': connect, 'pool_pre_ping': True}, heartbeat)
+    engine = {'connect_args': connect, 'pool_pre_ping': True}
+    try: return _rdb_storage(u.render_as_string(hide_password=False), engine, heartbeat)
     except ImportError:
-        raise ImportError(f"No database driver for {shown}: for PostgreSQL, pip install 'mura_study[postgres]'.") from None
+        raise ImportError(f"No database driver for {shown}: "
+                          "for PostgreSQL, pip install 'mura_study[postgres]'.") from None
     except sqlalchemy.exc.SQLAlchemyError as e:
         raise ConnectionError(f"Cannot open the tuning database {shown}: {str(getattr(e, 'orig', None) or e).strip()}. "
                               "Check the URL, that the server is running and reachable, and the credentials.") from None
 
 # %% ../nbs/05_tuning.ipynb #a111b146
-METRICS = ('f1', 'kappa')
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
-
 def open_study(storage:optuna.storages.BaseStorage, # from `open_storage`
                study_name:str, # the study's name in the database
                attrs:dict, # what the study is about (arch, metric, space): must match an existing study
@@ -129,17 +136,16 @@ def open_study(storage:optuna.storages.BaseStorage, # from `open_storage`
         if k not in have: study.set_user_attr(k, v)
     return study
 
-# %% ../nbs/05_tuning.ipynb #35cea1c7
-class SurplusTrial(Exception):
-    "A trial started after the study had all its trials: it stops unrun and is not counted."
+# %% ../nbs/05_tuning.ipynb #20662f9b
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
+# %% ../nbs/05_tuning.ipynb #dc79a555
 def _stale_to_failed(study:optuna.Study):
     "Mark trials whose worker stopped beating as failed."
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
 
-# %% ../nbs/05_tuning.ipynb #dc79a555
 def wait_for_slot(study:optuna.Study, # the shared study
                   n_trials:int, # trials the study should hold, all workers together
                   before:int|None=None, # only count running trials numbered below this one (None: all)
@@ -153,6 +159,10 @@ def wait_for_slot(study:optuna.Study, # the shared study
         if done + running < n_trials: return True
         if done >= n_trials: return False
         time.sleep(poll); _stale_to_failed(study)
+
+# %% ../nbs/05_tuning.ipynb #35cea1c7
+class SurplusTrial(Exception):
+    "A trial started after the study had all its trials: it stops unrun and is not counted."
 
 # %% ../nbs/05_tuning.ipynb #c321ae1f
 def trial_objective(fit:Callable, # fit(params, report) -> validation metric
@@ -168,7 +178,8 @@ def trial_objective(fit:Callable, # fit(params, report) -> validation metric
                   for k, d in space.items()}
         def report(value:float, epoch:int):
             trial.report(value, epoch)
-            if trial.should_prune(): raise optuna.TrialPruned(f"epoch {epoch}: {value:.4f} below the median of earlier trials")
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: {value:.4f} below the median of earlier trials")
         return fit(params, report)
     return objective
 
@@ -187,6 +198,8 @@ def run_trials(study:optuna.Study, # from `open_study`
     return study
 
 # %% ../nbs/05_tuning.ipynb #39b8a535
+METRICS = ('f1', 'kappa')  # the validation metrics a search may maximise, of `metrics.METRICS`
+
 def tune(df:pd.DataFrame|None, # images with a `set` column (train/valid) from `data.protocol`; None with a custom `fit`
          arch:str, # architecture key of `learner.ARCHS`
          n_trials:int, # trials the study should hold, all workers together
@@ -204,9 +217,11 @@ def tune(df:pd.DataFrame|None, # images with a `set` column (train/valid) from `
     "Run (or join, or resume) the search until the study holds `n_trials` complete or pruned trials."
     sp = search_space(space)
     if metric not in METRICS: raise ValueError(f"Unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
-    if not (isinstance(n_trials, int) and n_trials > 0): raise ValueError(f"n_trials must be a positive integer, not {n_trials!r}.")
-    study = open_study(open_storage(storage, name, heartbeat), study_name or f'{arch}-{metric}',
-                       {'arch': arch, 'metric': metric, 'space': space_attr(sp)}, n_trials=n_trials, seed=seed, pruner=pruner)
+    if not (isinstance(n_trials, int) and n_trials > 0):
+        raise ValueError(f"n_trials must be a positive integer, not {n_trials!r}.")
+    attrs = {'arch': arch, 'metric': metric, 'space': space_attr(sp)}
+    study = open_study(open_storage(storage, name, heartbeat), study_name or f'{arch}-{metric}', attrs,
+                       n_trials=n_trials, seed=seed, pruner=pruner)
     fit = fit or learner_fit(df, arch, metric, seed=seed or 0, **fit_kw)
     return run_trials(study, fit, sp, n_trials)
 
@@ -217,12 +232,14 @@ class TrialReport(Callback):
     def __init__(self, report:Callable, metric:str='f1'): self.report, self.metric, self.values = report, metric, []
     def before_validate(self): self.probs, self.targs = [], []
     def after_batch(self):
-        if not self.training: self.probs.append(to_detach(self.pred).float().softmax(-1)[:, 1]); self.targs.append(to_detach(self.y))
+        if self.training: return
+        self.probs.append(to_detach(self.pred).float().softmax(-1)[:, 1]); self.targs.append(to_detach(self.y))
     def after_epoch(self):
         items = self.dls.valid.items
         s = study_frame(pd.DataFrame(dict(study=items['study'].values, body_part=items['body_part'].values,
                                           label=torch.cat(self.targs).numpy(), prob=torch.cat(self.probs).numpy())))
-        value = float(np.nan_to_num(binary_metrics(s.label, s.prob)[self.metric][0]))  # kappa is nan when one class only
+        # kappa is nan when the validation studies are all of one class: the trial scores 0
+        value = float(np.nan_to_num(binary_metrics(s.label, s.prob)[self.metric][0]))
         self.values.append(value); self.report(value, self.epoch)
 
 # %% ../nbs/05_tuning.ipynb #3e1c8026
@@ -248,7 +265,7 @@ def learner_fit(df:pd.DataFrame, # images with `set` train/valid (test rows are 
     "A fit for `tune`: train `arch` on the train rows with the sampled params, report the valid metric each epoch."
     dls = mura_dataloaders(df, size=size or ARCHS[arch].size, bs=bs, seed=seed, cache_dir=cache_dir, progress=False)
     def fit(params:dict, report:Callable) -> float:
-        learn, cb = config_learner(dls, arch, params, seed), TrialReport(report, metric)
+        learn, cb = config_learner(dls, arch, params, seed=seed), TrialReport(report, metric)
         with tempfile.TemporaryDirectory(prefix='mura_trial_') as checkpoints:
             train(learn, epochs, lr=params['lr'], cbs=[cb], folder=checkpoints)
         best = learn.model.config.get('best_epoch')
@@ -263,18 +280,18 @@ def run_images(data_path:str|Path|None=None, # a MURA-v1.1 folder (or its parent
                seed:int=0, # seed of the synthetic set and the split
               ) -> pd.DataFrame:
     "The run's images cut by the protocol: `data_path`, or the run's synthetic set (`core.run_data`)."
-    root = run_data(run_dir(name), core.profile(profile), data_path or None, seed)
+    root = run_data(run_dir(name), core.profile(profile), data=data_path or None, seed=seed)
     return protocol(read_mura(root, progress=False), protocol_name, seed=seed)
 
 # %% ../nbs/05_tuning.ipynb #32d5f9db
-BASELINE = dict(lr=DEFAULT_LR, dropout=0.5, l2=0.0)  # the learner chapter's defaults
-
 def best_config(study:optuna.Study) -> dict:
     "The best trial's hyperparameters, with the values the space pinned."
     pinned = {k: v for k, v in study.user_attrs.get('space', {}).items() if not isinstance(v, list)}
     return {**pinned, **study.best_params}
 
 # %% ../nbs/05_tuning.ipynb #246f3e1e
+BASELINE = dict(lr=DEFAULT_LR, dropout=0.5, l2=0.0)  # the learner chapter's defaults
+
 def compare_tuned(df:pd.DataFrame, # images with `set` train/valid/test
                   arch:str, # architecture key
                   params:dict, # the tuned setting (`best_config`)
@@ -286,17 +303,20 @@ def compare_tuned(df:pd.DataFrame, # images with `set` train/valid/test
                   n_boot:int=1000, # bootstrap resamples of test studies
                   cache_dir:Path|str|None=None, # grey-image cache folder
                   baseline:dict=BASELINE, # the untuned setting
-                  baseline_tag:str|None=None, # model folder of the baseline (default '<arch>-baseline'); the learner chapter's '<arch>-<protocol>' reuses its model
+                  baseline_tag:str|None=None, # baseline's model folder (default '<arch>-baseline'); see below
                  ) -> dict:
     "Train the untuned baseline and `params` alike, evaluate both on the test rows, and compare them paired."
     test = df[df.set == 'test']
-    if test.empty: raise ValueError("No rows with set == 'test' to compare on: cut the images with data.protocol first.")
-    dls, res = mura_dataloaders(df, size=size or ARCHS[arch].size, bs=bs, seed=seed, cache_dir=cache_dir, progress=False), {}
+    if test.empty: raise ValueError("No rows with set == 'test' to compare on: cut the images with data.protocol.")
+    dls = mura_dataloaders(df, size=size or ARCHS[arch].size, bs=bs, seed=seed, cache_dir=cache_dir, progress=False)
+    res = {}
     for tag, p in (('baseline', baseline), ('tuned', params)):
         folder = baseline_tag if tag == 'baseline' and baseline_tag else f'{arch}-{tag}'
-        learn = train(config_learner(dls, arch, p, seed), epochs, lr=p['lr'], name=name, tag=folder, resume=name is not None)
+        learn = train(config_learner(dls, arch, p, seed=seed), epochs, lr=p['lr'], name=name, tag=folder,
+                      resume=name is not None)
         res[tag] = evaluate(learn, test, n_boot=n_boot, seed=seed) | {'params': {**p, 'lr': learn.model.config['lr']}}
-    return res | {'gain': paired_bootstrap(res['baseline']['studies'], res['tuned']['studies'], n_boot=n_boot, seed=seed)}
+    gain = paired_bootstrap(res['baseline']['studies'], res['tuned']['studies'], n_boot=n_boot, seed=seed)
+    return res | {'gain': gain}
 
 # %% ../nbs/05_tuning.ipynb #60ca21bb
 def tuning_table(gain:pd.DataFrame, # from `paired_bootstrap`
@@ -305,18 +325,20 @@ def tuning_table(gain:pd.DataFrame, # from `paired_bootstrap`
     "The paper's table: baseline and tuned per metric with 95% intervals, the gain, and whether it is real."
     fmt = lambda r, c: f"{getattr(r, c):.3f} [{getattr(r, c + '_lo'):.3f}, {getattr(r, c + '_hi'):.3f}]"
     verdict = lambda r: 'real gain' if r.gain_lo > 0 else 'real loss' if r.gain_hi < 0 else 'no clear difference'
-    return pd.DataFrame([{'model': ARCHS[arch].paper_name, 'metric': r.metric, 'baseline': fmt(r, 'baseline'), 'tuned': fmt(r, 'tuned'),
-                          'gain': fmt(r, 'gain'), 'P(gain <= 0)': round(r.p_no_gain, 3), 'verdict': verdict(r)}
-                         for r in gain.itertuples()]).set_index(['model', 'metric'])
+    rows = [{'model': ARCHS[arch].paper_name, 'metric': r.metric, 'baseline': fmt(r, 'baseline'),
+             'tuned': fmt(r, 'tuned'), 'gain': fmt(r, 'gain'), 'P(gain <= 0)': round(r.p_no_gain, 3),
+             'verdict': verdict(r)} for r in gain.itertuples()]
+    return pd.DataFrame(rows).set_index(['model', 'metric'])
 
 # %% ../nbs/05_tuning.ipynb #3e618902
-SEARCH_PLOTS = {'tuning_history': optuna_plots.plot_optimization_history, 'tuning_importance': optuna_plots.plot_param_importances,
+SEARCH_PLOTS = {'tuning_history': optuna_plots.plot_optimization_history,
+                'tuning_importance': optuna_plots.plot_param_importances,
                 'tuning_slice': optuna_plots.plot_slice, 'tuning_contour': optuna_plots.plot_contour}
 
 def tuning_figures(study:optuna.Study, # a finished (or running) study
                    dest:Path|str, # folder of the PNG files
                   ) -> dict:
-    "Optimisation history, importances, slice and contour plots as `dest/<name>.png`; plots that cannot be drawn say why."
+    "History, importance, slice and contour plots as `dest/<name>.png`; a plot that cannot be drawn says why."
     out = {}
     for stem, plot in SEARCH_PLOTS.items():
         try:
@@ -326,9 +348,8 @@ def tuning_figures(study:optuna.Study, # a finished (or running) study
         except (ValueError, RuntimeError) as e: out[stem] = f"not drawn: {e}"; continue
         grid = np.asarray(ax)
         fig = grid.flat[0].figure
-        if grid.ndim == 2: fig.set_size_inches(3.2*grid.shape[1] + 1.5, 3*grid.shape[0])  # a grid of plots: room for ticks
-        with atomic_write(Path(dest)/f'{stem}.png') as t: fig.savefig(t, format='png', dpi=FIGURE_DPI, bbox_inches='tight')
-        out[stem] = Path(dest)/f'{stem}.png'
+        if grid.ndim == 2: fig.set_size_inches(3.2*grid.shape[1] + 1.5, 3*grid.shape[0])  # room for the ticks
+        out[stem] = write_figure(fig, Path(dest)/f'{stem}.png')
     return out
 
 # %% ../nbs/05_tuning.ipynb #401d1609
@@ -338,7 +359,8 @@ def load_fit(spec:str, # 'module:function', importable in this process
     mod, _, fn = spec.partition(':')
     try: return getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"Cannot load the fit {spec!r} ({e}); give 'module:function' importable from this process.") from None
+        raise ValueError(f"Cannot load the fit {spec!r} ({e}); "
+                         "give 'module:function' importable from this process.") from None
 
 # %% ../nbs/05_tuning.ipynb #151eab75
 def study_summary(study:optuna.Study) -> dict:
@@ -361,12 +383,13 @@ def tune_worker(storage:str=None, # database URL shared by the workers (default:
                 fit:str=None, # 'module:function' to run instead of training a learner
                 heartbeat:int=10, # seconds between heartbeats of a running trial
                ):
-    "Join (or start) a tuning study and run trials until it holds `n_trials`: what `mura-study tune` runs, once per process or machine."
+    "Join (or start) a tuning study and run trials until it holds `n_trials`: `mura-study tune`, once per process."
     prof = core.profile(profile)
     name, n_trials = name or prof.name, n_trials or prof.n_trials
-    if fit: s = tune(None, arch, n_trials, storage, study, metric, name=name, fit=load_fit(fit), seed=seed, heartbeat=heartbeat)
+    common = dict(storage=storage, study_name=study, metric=metric, name=name, seed=seed, heartbeat=heartbeat)
+    if fit: s = tune(None, arch, n_trials, fit=load_fit(fit), **common)
     else:
-        df = run_images(data, profile, name, protocol)
-        s = tune(df, arch, n_trials, storage, study, metric, name=name, seed=seed, heartbeat=heartbeat,
-                 epochs=prof.trial_epochs, size=prof.size, bs=prof.bs, cache_dir=run_dir(name)/'cache')
+        images = run_images(data, profile=profile, name=name, protocol_name=protocol)
+        s = tune(images, arch, n_trials, epochs=prof.trial_epochs, size=prof.size, bs=prof.bs,
+                 cache_dir=run_dir(name)/'cache', **common)
     print(json.dumps(study_summary(s), default=str))

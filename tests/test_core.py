@@ -38,3 +38,12 @@ def test_profiles_grow_from_ci_to_paper():
 def test_console_script_prints_help():
     out = subprocess.run([str(Path(sys.executable).parent / "mura-study"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "reproduce" in out.stdout
+
+
+def test_torch_threads_gives_the_count_back_when_the_block_fails():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="a benchmark that failed"):
+        with core.torch_threads(before + 1):
+            assert torch.get_num_threads() == before + 1
+            raise RuntimeError("a benchmark that failed")
+    assert torch.get_num_threads() == before

@@ -1,6 +1,7 @@
 import os, warnings
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -133,7 +134,8 @@ def test_truncated_image(mura):
 def test_appledouble_file_listed_in_csv(mura):
     f = first_image(mura)
     (f.parent/'._image1.png').write_bytes(b'\x00\x05\x16\x07' + b'\x00' * 60)  # AppleDouble magic
-    set_csv(mura, 'train_image_paths.csv', csv_lines(mura, 'train_image_paths.csv') + [str(Path(csv_lines(mura, 'train_image_paths.csv')[0]).parent/'._image1.png')])
+    listed = csv_lines(mura, 'train_image_paths.csv')
+    set_csv(mura, 'train_image_paths.csv', listed + [str(Path(listed[0]).parent/'._image1.png')])
     msg, df, probs = read_both(mura)
     assert 'line 6: a macOS AppleDouble resource fork' in msg and "find MURA-v1.1 -name '._*' -delete" in msg
     assert probs.kind.tolist() == ['undecodable'] and len(df) == 7
@@ -174,9 +176,12 @@ def test_unknown_body_part(tmp_path):
 
 @pytest.mark.parametrize('csv_name,line,expect', [
     ('train_image_paths.csv', 'hello world', "'hello world' is not a MURA-v1.1 path"),
-    ('train_image_paths.csv', 'MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/image1.png,1', 'expected one path, got 2 fields'),
-    ('train_image_paths.csv', 'MURA-v1.1/valid/XR_FINGER/patient11185/study1_positive/image1.png', 'lies under valid/ but is listed for train'),
-    ('train_labeled_studies.csv', 'MURA-v1.1/train/XR_HAND/patient00003/study1_negative/,yes', "expected '<study folder>/,<0 or 1>'"),
+    ('train_image_paths.csv', 'MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/image1.png,1',
+     'expected one path, got 2 fields'),
+    ('train_image_paths.csv', 'MURA-v1.1/valid/XR_FINGER/patient11185/study1_positive/image1.png',
+     'lies under valid/ but is listed for train'),
+    ('train_labeled_studies.csv', 'MURA-v1.1/train/XR_HAND/patient00003/study1_negative/,yes',
+     "expected '<study folder>/,<0 or 1>'"),
 ])
 def test_malformed_csv_lines(mura, csv_name, line, expect):
     set_csv(mura, csv_name, csv_lines(mura, csv_name) + [line])
@@ -189,7 +194,8 @@ def test_duplicate_image_line(mura):
     lines = csv_lines(mura, 'train_image_paths.csv')
     set_csv(mura, 'train_image_paths.csv', lines + [lines[0]])
     msg, df, probs = read_both(mura)
-    assert 'line 6: image listed again (first at train_image_paths.csv line 1)' in msg and 'delete the repeated line' in msg
+    assert 'line 6: image listed again (first at train_image_paths.csv line 1)' in msg
+    assert 'delete the repeated line' in msg
     assert probs.kind.tolist() == ['duplicate'] and len(df) == 7
 
 
@@ -251,7 +257,8 @@ def interlaced_png(f, a):
     raw = b''.join(b'\x00' + row.tobytes() for x, y, dx, dy in passes for row in a[y::dy, x::dx] if row.size)
     chunk = lambda c, d: struct.pack('>I', len(d)) + c + d + struct.pack('>I', zlib.crc32(c + d))
     ihdr = struct.pack('>IIBBBBB', a.shape[1], a.shape[0], 8, 0, 0, 0, 1)
-    f.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+    f.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(raw))
+                  + chunk(b'IEND', b''))
 
 
 @pytest.mark.parametrize('mode', ['1', 'L', 'LA', 'RGB', 'RGBA', 'P', 'P4', 'I;16', 'interlaced'])
@@ -314,7 +321,8 @@ def test_protocols_official_and_clean_pass_paper_leaks(synth_df):
 
 def test_paper_subset_takes_5107_in_proportion_when_there_are_more(synth_df):
     df = synth_df
-    big = pd.concat([df.assign(path=df.path + f'#{k}', patient=df.patient + f'_{k}') for k in range(6000 // len(df) + 1)], ignore_index=True)
+    copies = [df.assign(path=df.path + f'#{k}', patient=df.patient + f'_{k}') for k in range(6000 // len(df) + 1)]
+    big = pd.concat(copies, ignore_index=True)
     sub = data.paper_subset(big, seed=0)
     assert len(sub) == 5107
     share = lambda d: d.groupby(['body_part', 'label']).size() / len(d)
@@ -403,6 +411,34 @@ def test_dataloaders_give_grey_float_batches_and_int_labels(synth_df, tmp_path):
     assert torch.allclose(vx, ref, atol=1e-5)
 
 
+def test_test_dl_takes_a_frame_rows_or_image_files(synth_df, tmp_path):
+    "fastai's learn.predict('x.png') calls dls.test_dl(['x.png']): a file name must not be read as a row."
+    off = protocol(synth_df, 'official', seed=0)
+    dls = mura_dataloaders(off, size=32, bs=8, augment=False, cache_dir=tmp_path, device='cpu', progress=False)
+    test = off[off.set == 'test']
+    assert len(dls.test_dl(test).dataset) == len(test)  # a frame: its rows, not its column names
+    f = test.path.iloc[0]
+    ref = to_batch([load_grey(f, 32)])
+    for items in ([f], [Path(f)], [test.iloc[0]]):
+        (x,) = dls.test_dl(items).one_batch()
+        assert x.shape == (1, 1, 32, 32) and torch.allclose(x, ref, atol=1e-5)
+
+
+def test_show_batch_and_show_results_draw_grey_on_a_fixed_scale(synth_df):
+    off = protocol(synth_df, 'official', seed=0)
+    dls = mura_dataloaders(off, size=24, bs=4, device='cpu', progress=False)
+    try:
+        dls.show_batch(max_n=2)
+        im = plt.gcf().axes[0].images[0]
+        assert im.get_cmap().name == 'gray' and im.get_clim() == (0, 255)
+        dls.show_batch(max_n=2, cmap='bone')
+        assert plt.gcf().axes[0].images[0].get_cmap().name == 'bone'  # the caller's choice wins
+        b = dls.valid.one_batch()
+        dls.valid.show_results(b, b[1], max_n=2)
+        assert plt.gcf().axes[0].images[0].get_cmap().name == 'gray'
+    finally: plt.close('all')
+
+
 def test_dataloaders_are_deterministic_for_a_seed(synth_df):
     off = protocol(synth_df, 'official', seed=0)
     batch = lambda s: mura_dataloaders(off, size=24, bs=4, seed=s, device='cpu').one_batch()
@@ -432,7 +468,7 @@ def test_read_boxes_absolute_paths_or_empty(synth, mura):
 
 @pytest.mark.parametrize('name', ['official', 'paper_clean'])
 def test_batched_cache_reads_give_the_same_batches_as_item_by_item(synth_df, tmp_path, name):
-    "GreyDL reads cached rows in one indexing operation; offline copies and augmentation must come out identical to fastai's per-item path."
+    "GreyDL reads cached rows in one indexing operation; copies and augmentation come out as on fastai's per-item path."
     from fastai.data.core import TfmdDL
     cut = protocol(synth_df, name, seed=0, n_images=120)  # below the set's size: no capping warning
     kw = dict(size=48, bs=8, cache_dir=tmp_path/'cache', seed=5, device='cpu', progress=False)

@@ -1,4 +1,5 @@
-"""The rendered docs, loaded in a real browser: every page loads cleanly, shows its figures and tables, and its links resolve."""
+"""The rendered docs, loaded in a real browser: every page loads cleanly, shows its figures and tables, and its links
+resolve."""
 import functools, http.server, json, os, shutil, threading
 from pathlib import Path
 from urllib.parse import urljoin, urlparse

@@ -17,7 +17,8 @@ def _cli(tmp_path, *args, timeout=120, **popen):
 
 def _hold(rd: Path, command: str) -> subprocess.Popen:
     "A process that holds run `rd`'s writer lock until killed."
-    code = f"import time; from mura_study.core import run_lock; run_lock({str(rd)!r}, {command!r}); print('held', flush=True); time.sleep(600)"
+    code = (f"import time; from mura_study.core import run_lock; run_lock({str(rd)!r}, {command!r}); "
+            "print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p
@@ -42,8 +43,8 @@ def test_a_lock_left_by_a_killed_writer_does_not_block_the_next(tmp_path):
     rd = core.run_dir("killed", root=tmp_path / "runs")
     holder = _hold(rd, "reproduce")
     holder.send_signal(signal.SIGKILL); holder.wait()
-    out = subprocess.run([sys.executable, "-c", f"from mura_study.core import run_lock; run_lock({str(rd)!r}); print('ok')"],
-                         capture_output=True, text=True, timeout=60)
+    code = f"from mura_study.core import run_lock; run_lock({str(rd)!r}); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
 
 
@@ -69,11 +70,14 @@ def test_tune_workers_draw_their_own_sampler_seed_unless_given():
 # --- values checked before any work ------------------------------------------------------------------------------
 
 BAD_VALUES = [
-    (["train", "--epochs", "0"], "--epochs"), (["train", "--epochs", "-1"], "--epochs"), (["train", "--bs", "0"], "--bs"),
-    (["train", "--size", "0"], "--size"), (["train", "--lr", "nan"], "--lr"), (["train", "--lr", "inf"], "--lr"),
-    (["train", "--lr", "-0.1"], "--lr"), (["train", "--lr", "0"], "--lr"), (["synth", "x", "--patients", "0"], "--patients"),
-    (["synth", "x", "--size", "-5"], "--size"), (["explain", "m", "i.png", "--lime-samples", "0"], "--lime-samples"),
-    (["bench", "--only", "nothing"], "--only"), (["tune", "--n-trials", "0"], "--n-trials"),
+    (["train", "--epochs", "0"], "--epochs"), (["train", "--epochs", "-1"], "--epochs"),
+    (["train", "--bs", "0"], "--bs"), (["train", "--size", "0"], "--size"),
+    (["train", "--lr", "nan"], "--lr"), (["train", "--lr", "inf"], "--lr"),
+    (["train", "--lr", "-0.1"], "--lr"), (["train", "--lr", "0"], "--lr"),
+    (["synth", "x", "--patients", "0"], "--patients"), (["synth", "x", "--size", "-5"], "--size"),
+    (["explain", "m", "i.png", "--lime-samples", "0"], "--lime-samples"),
+    (["bench", "--only", "nothing"], "--only"), (["bench", "--size", "0"], "--size"),
+    (["tune", "--n-trials", "0"], "--n-trials"), (["tune", "--heartbeat", "0"], "--heartbeat"),
     (["train", "--profile", "huge"], "--profile"),
 ]
 
@@ -107,9 +111,11 @@ def test_a_read_only_run_root_stops_the_run_before_it_starts(tmp_path):
         pytest.skip("mounting a read-only tmpfs needs root and a mount namespace that allows it")
     try:
         env = {**os.environ, "MURA_STUDY_RUNS": str(ro / "runs")}
-        out = subprocess.run([CLI, "reproduce", "--profile", "ci"], env=env, capture_output=True, text=True, timeout=120)
+        out = subprocess.run([CLI, "reproduce", "--profile", "ci"], env=env, capture_output=True, text=True,
+                             timeout=120)
     finally: subprocess.run(["umount", str(ro)])
-    assert out.returncode == 2 and "cannot create the run folder" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 2, out.stderr
+    assert "cannot create the run folder" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 # --- a run killed at every stage, then finished: the same tables as a run never killed ------------------------------
@@ -123,7 +129,8 @@ STAGES = [  # (stage, the condition on which reproduce is killed)
 ]
 def _timing(col: str) -> bool:
     "Columns that measure time (or are chosen by timing: the fastest batch size), not results."
-    return "latency" in col or "datetime" in col or col in ("duration", "seconds", "best_bs") or col.endswith(("_ms", "_s"))
+    if "latency" in col or "datetime" in col: return True
+    return col in ("duration", "seconds", "best_bs") or col.endswith(("_ms", "_s"))
 
 
 def _kill_when(rd: Path, env: dict, when) -> str:
@@ -143,7 +150,7 @@ def _kill_when(rd: Path, env: dict, when) -> str:
 def _tables(rd: Path) -> dict:
     out = {}
     for f in sorted((rd / "tables").glob("*.csv")):
-        if f.stem == "chapter_times" or f.stem.endswith("benchmark"): continue  # timings, not results
+        if f.stem == "chapter_times": continue  # timings, not results
         df = pd.read_csv(f)
         if f.stem == "tuning_trials":  # a killed trial stays behind as FAIL and the trials after it are renumbered
             df = df[df.state.isin(["COMPLETE", "PRUNED"])].drop(columns="number").reset_index(drop=True)
@@ -157,8 +164,8 @@ def test_a_run_killed_at_every_stage_ends_as_one_never_killed(ci_run, tmp_path):
     env = {**os.environ, "MURA_STUDY_RUNS": str(rd.parent)}
     what = {stage: _kill_when(rd, env, when) for stage, when in STAGES}
     assert all(v == "killed" for v in what.values()), what
-    out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "ci", "--no-html"], env=env, capture_output=True,
-                         text=True, timeout=900)
+    out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "ci", "--no-html"], env=env,
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert study.missing_outputs(rd) == []
     assert not list(rd.rglob("*.partial*")), "a partial file survived"

@@ -1,4 +1,5 @@
 "Interpretation maps on tiny models: shapes and ranges, determinism, hand-computed scores, the sanity check."
+import time
 import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 from torch import nn
@@ -15,7 +16,8 @@ class TinyCNN(nn.Module):
     "Two convolutions, global pooling, two logits."
     def __init__(self, size=SIZE):
         super().__init__(); self.size = size
-        self.c1, self.c2, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.Linear(8, 2)
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, 2)
     def forward(self, x): return self.head(F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3)))
 
 class MeanModel(nn.Module):
@@ -32,7 +34,8 @@ def model():
 @pytest.fixture(scope='module')
 def images():
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)).resize((SIZE, SIZE), Image.BILINEAR) for _ in range(3)]
+    return [Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)).resize((SIZE, SIZE), Image.BILINEAR)
+            for _ in range(3)]
 
 def check_maps(maps, n):
     assert maps.shape == (n, SIZE, SIZE) and maps.dtype == np.float32
@@ -128,7 +131,8 @@ def test_randomisation_check_separates_a_real_map_from_a_model_free_one(images):
 def test_score_maps_table_with_boxes_chance_and_verdicts(model, tmp_path):
     rng, paths = np.random.default_rng(1), []
     for i in range(3):
-        p = tmp_path/f'im{i}.png'; Image.fromarray(rng.integers(0, 256, (40, 60), dtype=np.uint8)).save(p); paths.append(str(p))
+        p = tmp_path/f'im{i}.png'; paths.append(str(p))
+        Image.fromarray(rng.integers(0, 256, (40, 60), dtype=np.uint8)).save(p)
     boxes = pd.DataFrame(dict(path=paths[:2], x0=[0, 30], y0=[0, 10], x1=[30, 60], y1=[20, 40], kind='x'))
     s = score_maps({'tiny': model}, paths, boxes, n_boot=50, lime_samples=20, steps=8, progress=False)
     per = s.attrs['per_image']
@@ -137,9 +141,18 @@ def test_score_maps_table_with_boxes_chance_and_verdicts(model, tmp_path):
     assert set(s.sanity) <= {'pass', 'fail'} and set(s.score) >= {'pointing', 'chance', 'deletion', 'rank_corr'}
     assert faithfulness_table(s).shape == (3, 9)
 
+def test_image_scores_compare_every_method_with_one_random_baseline(model, tmp_path):
+    p, rng = tmp_path/'im.png', np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(p)
+    s = image_scores(model, [p], lime_samples=20, steps=8, progress=False)
+    assert list(s.method) == ['gradcam', 'saliency', 'lime'] and s.deletion_random.nunique() == 1
+    assert s.pointing.isna().all() and s.chance.isna().all()  # no boxes: nothing to point at
+
 def test_pick_cases_one_of_each_across_body_parts():
-    preds = pd.DataFrame(dict(path=list('abcdefghi'), label=[1, 1, 0, 0, 1, 0, 1, 0, 0], prob=[.9, .8, .7, .2, .1, .3, .95, .6, .1],
-                              body_part=['WRIST', 'HAND', 'WRIST', 'HAND', 'ELBOW', 'ELBOW', 'WRIST', 'FINGER', 'SHOULDER']))
+    preds = pd.DataFrame(dict(path=list('abcdefghi'), label=[1, 1, 0, 0, 1, 0, 1, 0, 0],
+                              prob=[.9, .8, .7, .2, .1, .3, .95, .6, .1],
+                              body_part=['WRIST', 'HAND', 'WRIST', 'HAND', 'ELBOW', 'ELBOW', 'WRIST', 'FINGER',
+                                         'SHOULDER']))
     c = pick_cases(preds)
     assert list(c.case) == ['TP', 'FP', 'FN', 'TN'] and c.body_part.nunique() == 4
 
@@ -147,14 +160,16 @@ def test_overlay_grid_draws_cases_by_methods(model, tmp_path):
     p = tmp_path/'a.png'; Image.fromarray(np.full((SIZE, SIZE), 90, np.uint8)).save(p)
     cases = pd.DataFrame(dict(path=[str(p)]*2, case=['TP', 'FN'], body_part=['WRIST', 'HAND'], prob=[.9, .1]))
     fig = overlay_grid(model, cases, lime_samples=20, out=tmp_path/'grid.png', progress=False)
-    assert len(fig.axes) == 8 + 1 and (tmp_path/"grid.png").stat().st_size > 0  # 2 cases x 4 columns, and the colour bar
+    assert len(fig.axes) == 8 + 1  # 2 cases x 4 columns, and the colour bar
+    assert (tmp_path/"grid.png").stat().st_size > 0
 
 class CostModel(nn.Module):
     "A model whose call costs `per_call` seconds plus `per_image` seconds for each image beyond `cheap` in the batch."
     def __init__(self, size, per_call, per_image, cheap=0):
-        super().__init__(); self.size, self.dummy, self.cost = size, nn.Parameter(torch.zeros(1)), (per_call, per_image, cheap)
+        super().__init__(); self.size, self.dummy = size, nn.Parameter(torch.zeros(1))
+        self.cost = per_call, per_image, cheap
     def forward(self, x):
-        import time; c, i, cheap = self.cost; time.sleep(c + i*max(0, len(x) - cheap)); return torch.zeros(len(x), 2)
+        c, i, cheap = self.cost; time.sleep(c + i*max(0, len(x) - cheap)); return torch.zeros(len(x), 2)
 
 def test_best_batch_size_takes_the_fastest_per_image_and_the_larger_of_near_ties():
     from mura_study.interpret import best_batch_size

@@ -1,19 +1,19 @@
 """The learner chapter's promises: five architectures that train, pretrained weights that never wait for a network,
 model files that round-trip and never unpickle, and training that resumes after kill -9."""
 import json, os, pickle, signal, subprocess, sys, textwrap, time
-from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 import pytest
 import safetensors.torch as st
 import timm
 import torch
+from fastai.interpret import ClassificationInterpretation
 
 from mura_study.data import mura_dataloaders, protocol, read_mura
 from mura_study.data import load_grey, to_batch
-from mura_study.learner import (ARCHS, fingerprint, gradcam_layer, inference_model, load_model, mura_learner, mura_model,
-                                predict, save_model, train)
+from mura_study.learner import (ARCHS, fingerprint, gradcam_layer, inference_model, load_model, mura_learner,
+                                mura_model, predict, save_model, train)
 from mura_study.synth import make_mura
 
 torch.set_num_threads(1)  # the test machine has 2 cores shared with other jobs; one thread each is fastest there
@@ -50,18 +50,20 @@ def test_unknown_architecture_error_lists_the_known_ones():
 @pytest.mark.parametrize('key', ['mobilenetv2', 'xception'])
 def test_pretrained_without_weights_offline_fails_within_5_seconds_saying_what_to_do(tmp_path, key):
     script = textwrap.dedent(f"""
-        import time
+        from mura_study.core import Timer
         from mura_study.learner import mura_model
-        t0 = time.perf_counter()
-        try: mura_model({key!r}, 64, pretrained=True)
-        except FileNotFoundError as e: print(round(time.perf_counter() - t0, 2)); print(e)
+        try:
+            with Timer() as t: mura_model({key!r}, 64, pretrained=True)
+        except FileNotFoundError as e: print(round(t.seconds, 2)); print(e)
         else: print('loaded')
     """)
-    env = dict(ENV, HF_HOME=str(tmp_path/'hf'), HF_HUB_CACHE=str(tmp_path/'hf'/'hub'), TORCH_HOME=str(tmp_path/'torch'), HF_HUB_OFFLINE='1')
+    env = dict(ENV, HF_HOME=str(tmp_path/'hf'), HF_HUB_CACHE=str(tmp_path/'hf'/'hub'), TORCH_HOME=str(tmp_path/'torch'),
+               HF_HUB_OFFLINE='1')
     out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=120)
     secs, message = out.stdout.split('\n', 1)
     assert float(secs) < 5, out.stdout
-    assert 'pretrained=False' in message and "weights='path/to/model.safetensors'" in message and 'timm.create_model' in message
+    assert 'pretrained=False' in message and 'timm.create_model' in message
+    assert "weights='path/to/model.safetensors'" in message
 
 
 def test_local_safetensors_weights_are_loaded_and_summed_to_one_channel(tmp_path):
@@ -88,11 +90,35 @@ def test_save_load_predict_round_trip_gives_identical_probabilities(tiny, tmp_pa
     assert np.array_equal(before.prob.to_numpy(), after.prob.to_numpy()) and before.prob.notna().all()
     assert (back.arch.key, back.size, back.config['dropout'], back.config['epochs']) == ('mobilenetv2', 32, 0.3, 1)
     eps = lambda m: {x.eps for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)}
-    assert eps(learn.model) == eps(back) == {1e-3}                    # from scratch: Keras's batch-norm epsilon, kept on reload
+    assert eps(learn.model) == eps(back) == {1e-3}  # from scratch: Keras's batch-norm epsilon, kept on reload
+
+
+def test_fastai_learn_predict_on_an_image_file_gives_the_probability_of_predict(tiny):
+    "fastai's one-image `learn.predict(path)` and the study's batched `predict` agree on the study's grey learners."
+    root, cut = tiny
+    torch.manual_seed(0)
+    learn = mura_learner(mura_dataloaders(cut, size=32, bs=8, device='cpu', progress=False), 'mobilenetv2')
+    path = cut[cut.set == 'test'].path.iloc[0]
+    label, idx, probs = learn.predict(path)
+    assert label == ['normal', 'abnormal'][int(idx)]
+    assert abs(probs[1].item() - predict(learn, [path]).prob.item()) < 1e-5
+
+
+def test_fastai_classification_interpretation_shows_a_grey_learners_confusion_matrix_and_top_losses(tiny):
+    "fastai's `ClassificationInterpretation`, which reads items back through `dls.test_dl`, works on our learners."
+    root, cut = tiny
+    torch.manual_seed(0)
+    dls = mura_dataloaders(cut, size=32, bs=8, augment=False, device='cpu', progress=False)
+    learn = mura_learner(dls, 'mobilenetv2')
+    interp = ClassificationInterpretation.from_learner(learn)
+    assert interp.confusion_matrix().sum() == len(learn.dls.valid_ds)
+    interp.plot_top_losses(2, nrows=1, cmap='gray')
+    learn.show_results(max_n=2, cmap='gray')
+    plt.close('all')
 
 
 def test_predict_on_the_folded_model_gives_the_trained_models_probabilities(tiny, tmp_path):
-    "`predict` runs `inference_model` (batch norms folded): same probabilities as the model's own forward, model left as it was."
+    "`predict` runs `inference_model` (batch norms folded): the model's own probabilities, the model left as it was."
     root, cut = tiny
     torch.manual_seed(0)
     learn = mura_learner(mura_dataloaders(cut, size=32, bs=8, device='cpu', progress=False), 'densenet169')
@@ -101,14 +127,15 @@ def test_predict_on_the_folded_model_gives_the_trained_models_probabilities(tiny
     before = {k: v.clone() for k, v in m.state_dict().items()}
     probs = predict(learn, rows, bs=5).prob.to_numpy()
     assert m.training and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
-    assert sum(isinstance(x, torch.nn.BatchNorm2d) for x in inference_model(m).modules()) < sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
+    n_bn = lambda net: sum(isinstance(x, torch.nn.BatchNorm2d) for x in net.modules())
+    assert n_bn(inference_model(m)) < n_bn(m)
     m.eval()
     with torch.inference_mode(): own = m(to_batch([load_grey(p, 32) for p in rows.path])).softmax(-1)[:, 1].numpy()
     assert np.abs(probs - own).max() < 1e-4
 
 
 def test_inference_model_folds_any_module_whole_and_leaves_unfoldable_ones_alone():
-    "A plain module is folded as a whole (an attribute named `model` is not taken for a learner's); nothing to fold: the module itself."
+    "A plain module is folded whole (an attribute named `model` is not taken for a learner's); nothing to fold: itself."
     class Wrapper(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -119,7 +146,8 @@ def test_inference_model_folds_any_module_whole_and_leaves_unfoldable_ones_alone
     bn = w.model[1]; bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(.5, 2); bn.weight.data.uniform_(.5, 2)
     x = torch.randn(3, 1, 8, 8)
     inf = inference_model(w)
-    assert isinstance(inf, Wrapper) and inf is not w and not any(isinstance(m, torch.nn.BatchNorm2d) for m in inf.modules())
+    assert isinstance(inf, Wrapper) and inf is not w
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in inf.modules())
     with torch.inference_mode(): assert torch.allclose(inf(x), w(x), atol=1e-5)
     plain = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU())
     assert inference_model(plain) is plain
@@ -131,7 +159,7 @@ def test_pretrained_networks_keep_their_batchnorm_epsilon_and_the_head_starts_ne
     pre = mura_model('mobilenetv2', 64, pretrained=True, weights=tmp_path/'w.safetensors')
     assert {m.eps for m in pre.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-5}
     torch.manual_seed(0)
-    head = mura_model('mobilenetv2', 64).net[1]                        # the paper's head: pool, dropout, one linear layer
+    head = mura_model('mobilenetv2', 64).net[1]  # the paper's head: pool, dropout, one linear layer
     assert [type(m).__name__ for m in head] == ['AdaptiveAvgPool2d', 'Flatten', 'Dropout', 'Linear']
     assert abs(head[-1].weight.std().item() - 0.01) < 0.001 and not head[-1].bias.any()
 
@@ -186,9 +214,11 @@ RUN = textwrap.dedent("""
     seed_everything(0)
     cut = protocol(read_mura(root, progress=False), 'official', seed=0)
     learn = mura_learner(mura_dataloaders(cut, size=32, bs=8, seed=0, device='cpu', progress=False), 'mobilenetv2')
-    with learn.no_bar(), learn.no_logging(): train(learn, 3, lr=3e-3, folder=folder, resume=True, cbs=[SlowSecondEpoch()])
+    with learn.no_bar(), learn.no_logging():
+        train(learn, 3, lr=3e-3, folder=folder, resume=True, cbs=[SlowSecondEpoch()])
     res = evaluate(learn, cut[cut.set == 'test'], n_boot=200)
-    print(json.dumps(dict(metrics=res['study_metrics'].value.round(3).tolist(), probs=res['images'].prob.round(6).tolist(),
+    print(json.dumps(dict(metrics=res['study_metrics'].value.round(3).tolist(),
+                          probs=res['images'].prob.round(6).tolist(),
                           history=learn.history.drop(columns='epoch').round(6).values.tolist())))
 """)
 
@@ -211,7 +241,8 @@ def test_same_seed_twice_and_resume_after_sigkill_give_the_same_final_metrics(ti
     proc = subprocess.Popen([sys.executable, str(script), str(root), str(folder)], env=dict(ENV, SLOW_SECOND_EPOCH='1'),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (folder/'checkpoints'/'epoch000').exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.1)
+    while not (folder/'checkpoints'/'epoch000').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
     time.sleep(1.0)  # inside epoch 1, which the callback slows to 0.4 s per batch
     proc.send_signal(signal.SIGKILL); proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -1,11 +1,11 @@
-"""End to end: `mura-study reproduce --profile ci` executes every chapter and writes what the study promises."""
-import json, os, re, subprocess, sys, time
+"""End to end: `mura-study reproduce --profile ci` executes every chapter and writes what the study promises; and the
+commands around it: their options, and the benchmark table `bench` writes."""
+import os, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
-from mura_study import study
+from mura_study import core, study
 
 CLI = str(Path(sys.executable).parent / "mura-study")
 
@@ -41,7 +41,8 @@ def test_report_cites_the_numbers_of_the_tables(ci_run):
 def test_rerun_keeps_finished_chapters(ci_run, tmp_path):
     rd, _ = ci_run
     env = {**os.environ, "MURA_STUDY_RUNS": str(rd.parent)}
-    out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "ci", "--no-html"], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "ci", "--no-html"], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("finished earlier, kept") == len(study.chapters())
 
@@ -49,7 +50,8 @@ def test_rerun_keeps_finished_chapters(ci_run, tmp_path):
 def _reproduce(tmp_path, env_extra, *args):
     env = {**os.environ, "MURA_STUDY_RUNS": str(tmp_path / "runs"), **env_extra}
     t0 = time.perf_counter()
-    out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "pf", *args], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([CLI, "reproduce", "--profile", "ci", "--name", "pf", *args], env=env, capture_output=True,
+                         text=True, timeout=300)
     return out, time.perf_counter() - t0
 
 
@@ -74,3 +76,29 @@ def test_reproduce_stops_when_the_run_folder_cannot_be_made(tmp_path):
 def test_reproduce_names_a_folder_that_is_not_mura(tmp_path):
     out, _ = _reproduce(tmp_path, {}, "--data", str(tmp_path))
     assert out.returncode == 2 and "No MURA-v1.1/train_image_paths.csv" in out.stderr
+
+
+def _help(command: str) -> str:
+    out = subprocess.run([CLI, command, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_bench_help_lists_where_the_table_goes_and_the_device():
+    text = _help("bench")
+    assert "--out" in text and "--device" in text and "results/bench.csv" in text
+
+
+def test_tune_help_lists_the_stand_in_fit_and_the_heartbeat():
+    text = _help("tune")
+    assert "--fit" in text and "--heartbeat" in text
+
+
+def test_bench_writes_its_table_where_out_says(tmp_path):
+    "The learner's two benchmarks (seconds on one thread), written with their targets and the machine that ran them."
+    out = tmp_path / "b.csv"
+    with core.torch_threads(1): assert study.main(["bench", "--only", "learner", "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert list(df.columns) == ["chapter", "benchmark", "measured", "target", "unit", "size", "machine"]
+    assert df.chapter.tolist() == ["learner", "learner"] and df.measured.notna().all() and (df.target != "").all()
+    assert "1 torch threads" in df.machine[0]

@@ -13,7 +13,8 @@ N, SIZE = 60, 96
 
 
 def digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob('*')) if p.is_file()}
+    files = (p for p in sorted(root.rglob('*')) if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 @pytest.fixture(scope='module')
@@ -43,7 +44,8 @@ def test_different_seed_gives_different_files(mura, tmp_path):
     assert sum(a[k] == b.get(k) for k in a if k.endswith('.png')) < len(a)//10
 
 
-IMG = re.compile(r'^MURA-v1\.1/(train|valid)/XR_([A-Z]+)/(patient\d{5})/study(\d+)_(positive|negative)/image(\d+)\.png$')
+IMG = re.compile(r'^MURA-v1\.1/(train|valid)/XR_([A-Z]+)/(patient\d{5})/study(\d+)_(positive|negative)'
+                 r'/image(\d+)\.png$')
 STUDY = re.compile(r'^(MURA-v1\.1/(train|valid)/XR_[A-Z]+/patient\d{5}/study\d+_(positive|negative)/),([01])$')
 
 
@@ -152,11 +154,13 @@ def test_each_finding_visibly_changes_its_box_at_128_px(kind):
     k = 128/320
     for part in BODY_PARTS:
         for pid in (3, 4, 5):
-            fs = [f | dict(views=(1,)) for f in study_findings(0, pid, part, 1, kind, 1)]
-            im, boxes = render_view(part, fs, 320, 0, pid)
-            plain, none = render_view(part, [], 320, 0, pid)       # same view, same noise, no finding
+            found = study_findings(seed=0, pid=pid, part=part, study=1, findings=kind, n_views=1)
+            fs = [f | dict(views=(1,)) for f in found]
+            im, boxes = render_view(part, fs, size=320, seed=0, pid=pid)
+            plain, none = render_view(part, [], size=320, seed=0, pid=pid)       # same view, same noise, no finding
             assert none == [] and [b[-1] for b in boxes] == [kind]
-            small = [np.asarray(i.resize((round(i.width*k), round(i.height*k)), Image.BILINEAR), float) for i in (im, plain)]
+            small = [np.asarray(i.resize((round(i.width*k), round(i.height*k)), Image.BILINEAR), float)
+                     for i in (im, plain)]
             x0, y0, x1, y1, _ = (np.array(boxes[0][:4])*k).round().astype(int).tolist() + [kind]
             changed = np.abs(small[0] - small[1])[y0:y1, x0:x1] > 30
             assert changed.sum() >= 10, (part, pid, changed.sum())

@@ -1,4 +1,5 @@
-"Tuning: workers sharing one study through SQLite and PostgreSQL, exact totals, recovery from a killed worker, bad input."
+"""Tuning: workers sharing one study through SQLite and PostgreSQL, exact totals, recovery from a killed worker,
+bad input."""
 import json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
@@ -26,9 +27,11 @@ def slow_fit(params, report):
 
 def start_worker(url, study, n_trials, seed, tmp, seconds=0.3, heartbeat=1):
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT/'tests'), os.environ.get('PYTHONPATH', '')]),
-           'TUNING_TEST_SECONDS': str(seconds), 'TUNING_TEST_LOG': str(tmp/'pids.log'), 'MURA_STUDY_RUNS': str(tmp/'runs')}
-    cmd = [str(Path(sys.executable).parent/'mura-study'), 'tune', '--storage', url, '--study', study, '--n-trials', str(n_trials),
-           '--arch', 'toy', '--seed', str(seed), '--fit', 'test_tuning:slow_fit', '--heartbeat', str(heartbeat)]
+           'TUNING_TEST_SECONDS': str(seconds), 'TUNING_TEST_LOG': str(tmp/'pids.log'),
+           'MURA_STUDY_RUNS': str(tmp/'runs')}
+    cmd = [str(Path(sys.executable).parent/'mura-study'), 'tune', '--storage', url, '--study', study,
+           '--n-trials', str(n_trials), '--arch', 'toy', '--seed', str(seed),
+           '--fit', 'test_tuning:slow_fit', '--heartbeat', str(heartbeat)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -68,14 +71,16 @@ def free_port():
 
 @pytest.fixture
 def postgres_url():
-    if not (PG_BIN/'initdb').exists(): pytest.skip(f"PostgreSQL binaries not found in {PG_BIN} (Debian package postgresql-15)")
+    if not (PG_BIN/'initdb').exists():
+        pytest.skip(f"PostgreSQL binaries not found in {PG_BIN} (Debian package postgresql-15)")
     as_pg = ['runuser', '-u', 'postgres', '--'] if os.geteuid() == 0 else []  # initdb refuses to run as root
     d = Path(tempfile.mkdtemp(prefix='mura_pg_'))
     if as_pg: shutil.chown(d, 'postgres', 'postgres')
     port = free_port()
     run = lambda *a: subprocess.run(as_pg + [str(PG_BIN/a[0]), *a[1:]], check=True, capture_output=True, text=True)
     run('initdb', '-D', str(d/'data'), '-A', 'trust', '-U', 'postgres')
-    run('pg_ctl', '-D', str(d/'data'), '-l', str(d/'log'), '-w', '-o', f"-p {port} -k {d} -c listen_addresses=127.0.0.1", 'start')
+    run('pg_ctl', '-D', str(d/'data'), '-l', str(d/'log'), '-w',
+        '-o', f"-p {port} -k {d} -c listen_addresses=127.0.0.1", 'start')
     try: yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
         run('pg_ctl', '-D', str(d/'data'), '-m', 'immediate', 'stop')
@@ -93,7 +98,8 @@ def test_killed_worker_loses_only_its_trial_and_rerun_completes(tmp_path):
     while time.time() < deadline:
         try: trials = trials_of(url, 'killed')
         except KeyError: trials = []                                          # study not created yet
-        if sum(t.state == TrialState.COMPLETE for t in trials) >= 2 and any(t.state == TrialState.RUNNING for t in trials): break
+        complete = sum(t.state == TrialState.COMPLETE for t in trials)
+        if complete >= 2 and any(t.state == TrialState.RUNNING for t in trials): break
         time.sleep(0.2)
     w.send_signal(signal.SIGKILL); w.wait()
     before = trials_of(url, 'killed')
@@ -134,7 +140,8 @@ def test_rerun_of_a_finished_study_adds_no_trial(tmp_path):
     s = tune(None, 'toy', 3, url, fit=lambda p, r: p['dropout'])
     assert len(s.trials) == 3
     assert len(tune(None, 'toy', 3, url, fit=never_fit).trials) == 3
-    assert sum(t.state == TrialState.COMPLETE for t in tune(None, 'toy', 5, url, fit=lambda p, r: p['dropout']).trials) == 5
+    more = tune(None, 'toy', 5, url, fit=lambda p, r: p['dropout'])
+    assert sum(t.state == TrialState.COMPLETE for t in more.trials) == 5
 
 
 @pytest.fixture(scope='module')
@@ -157,14 +164,16 @@ def test_learner_trials_report_each_epoch_and_get_pruned(tiny_images, tmp_path):
     assert 1e-5 <= t.params['lr'] <= 1e-1 and 0 <= t.params['dropout'] <= 0.7 and 1e-6 <= t.params['l2'] <= 1e-1
 
 
-def test_tuned_and_baseline_are_retrained_alike_and_compared_on_the_same_test_studies(tiny_images, tmp_path, monkeypatch):
+def test_tuned_and_baseline_are_retrained_alike_and_compared_on_the_same_test_studies(tiny_images, tmp_path,
+                                                                                       monkeypatch):
     monkeypatch.setenv('MURA_STUDY_RUNS', str(tmp_path))
     res = compare_tuned(tiny_images, 'mobilenetv2', dict(lr=1e-3, dropout=0.2, l2=1e-4), epochs=1, size=32, bs=8,
                         name='t', n_boot=200)
     test_studies = tiny_images[tiny_images.set == 'test'].study.nunique()
     assert len(res['baseline']['studies']) == len(res['tuned']['studies']) == test_studies
     assert res['tuned']['params'] == dict(lr=1e-3, dropout=0.2, l2=1e-4) and res['baseline']['params']['lr'] > 0
-    assert (tmp_path/'t'/'models'/'mobilenetv2-tuned').is_dir() and (tmp_path/'t'/'models'/'mobilenetv2-baseline').is_dir()
+    models = tmp_path/'t'/'models'
+    assert (models/'mobilenetv2-tuned').is_dir() and (models/'mobilenetv2-baseline').is_dir()
     g = res['gain'].set_index('metric')
     assert abs(g.loc['f1', 'gain'] - (g.loc['f1', 'tuned'] - g.loc['f1', 'baseline'])) < 1e-12
     table = tuning_table(res['gain'], 'mobilenetv2')
@@ -175,9 +184,12 @@ def test_baseline_reuses_the_learner_chapters_model_instead_of_training_it_again
     from fastai.learner import Learner
     from mura_study.learner import fit_evaluate
     monkeypatch.setenv('MURA_STUDY_RUNS', str(tmp_path))
-    fit_evaluate(tiny_images, 'mobilenetv2', 32, 1, 8, lr=1e-2, seed=0, name='r', tag='mobilenetv2-official', n_boot=20)
+    fit_evaluate(tiny_images, 'mobilenetv2', size=32, epochs=1, bs=8, lr=1e-2, seed=0, name='r',
+                 tag='mobilenetv2-official', n_boot=20)
     fits, fit = [], Learner.fit
-    monkeypatch.setattr(Learner, 'fit', lambda self, *a, **k: (fits.append(self.model.config['dropout']), fit(self, *a, **k))[1])
+    def counting_fit(self, *a, **k):
+        fits.append(self.model.config['dropout']); return fit(self, *a, **k)
+    monkeypatch.setattr(Learner, 'fit', counting_fit)
     res = compare_tuned(tiny_images, 'mobilenetv2', dict(lr=1e-3, dropout=0.2, l2=1e-4), epochs=1, size=32, bs=8,
                         name='r', n_boot=20, baseline_tag='mobilenetv2-official')
     assert fits == [0.2]                                                      # only the tuned model trained
