@@ -29,10 +29,10 @@ from .metrics import binary_metrics, paired_bootstrap, study_frame
 from .learner import ARCHS, mura_learner, train, evaluate
 
 # %% auto #0
-__all__ = ['SPACE', 'LIMITS', 'COUNTED', 'METRICS', 'BASELINE', 'SEARCH_PLOTS', 'search_space', 'space_attr', 'storage_url',
-           'open_storage', 'open_study', 'wait_for_slot', 'SurplusTrial', 'trial_objective', 'run_trials', 'tune',
-           'TrialReport', 'config_learner', 'learner_fit', 'run_images', 'best_config', 'compare_tuned', 'tuning_table',
-           'tuning_figures', 'load_fit', 'study_summary', 'tune_worker']
+__all__ = ['SPACE', 'LIMITS', 'COUNTED', 'SEARCH_METRICS', 'BASELINE', 'SEARCH_PLOTS', 'search_space', 'space_attr',
+           'storage_url', 'open_storage', 'open_study', 'wait_for_slot', 'SurplusTrial', 'trial_objective',
+           'run_trials', 'tune', 'TrialReport', 'config_learner', 'learner_fit', 'run_images', 'best_config',
+           'compare_tuned', 'tuning_table', 'tuning_figures', 'load_fit', 'study_summary', 'tune_worker']
 
 # %% ../nbs/05_tuning.ipynb #04c65de3
 SPACE = {'lr': (1e-5, 1e-1, True), 'dropout': (0.0, 0.7, False), 'l2': (1e-6, 1e-1, True)}
@@ -198,7 +198,7 @@ def run_trials(study:optuna.Study, # from `open_study`
     return study
 
 # %% ../nbs/05_tuning.ipynb #39b8a535
-METRICS = ('f1', 'kappa')  # the validation metrics a search may maximise, of `metrics.METRICS`
+SEARCH_METRICS = ('f1', 'kappa')  # the validation metrics a search may maximise, of `metrics.METRICS`
 
 def tune(df:pd.DataFrame|None, # images with a `set` column (train/valid) from `data.protocol`; None with a custom `fit`
          arch:str, # architecture key of `learner.ARCHS`
@@ -216,7 +216,8 @@ def tune(df:pd.DataFrame|None, # images with a `set` column (train/valid) from `
         ) -> optuna.Study:
     "Run (or join, or resume) the search until the study holds `n_trials` complete or pruned trials."
     sp = search_space(space)
-    if metric not in METRICS: raise ValueError(f"Unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
+    if metric not in SEARCH_METRICS:
+        raise ValueError(f"Unknown metric {metric!r}; choose one of {', '.join(SEARCH_METRICS)}.")
     if not (isinstance(n_trials, int) and n_trials > 0):
         raise ValueError(f"n_trials must be a positive integer, not {n_trials!r}.")
     attrs = {'arch': arch, 'metric': metric, 'space': space_attr(sp)}
