@@ -28,7 +28,8 @@ from safetensors import SafetensorError, safe_open
 from sklearn.metrics import confusion_matrix, roc_curve
 from fastai.learner import Learner, Metric
 from fastai.callback.core import Callback
-from fastai.callback.schedule import fit_one_cycle, lr_find  # noqa: F401 (importing them adds Learner.fit_one_cycle, .lr_find)
+# importing these two is what adds `Learner.fit_one_cycle` and `Learner.lr_find`
+from fastai.callback.schedule import fit_one_cycle, lr_find  # noqa: F401
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
