@@ -26,7 +26,7 @@ from .interpret import batches, best_batch_size, gradcam, gradcam_saliency, lime
 
 # %% auto #0
 __all__ = ['BENCH_TABLE', 'bench_synth', 'channel_cost', 'bench_loader', 'bench_predict', 'bench_loop', 'lime_defaults',
-           'bench_explain', 'machine', 'bench_all', 'bench_results']
+           'bench_explain', 'machine', 'meets', 'bench_all', 'bench_results']
 
 # %% ../nbs/07_bench.ipynb #60abf8d2
 def bench_synth(n_patients:int=900, # patients of the set: 900 is the demo profile's
@@ -288,6 +288,16 @@ def _interpret_rows(size, device) -> list:
 
 _CHAPTER_ROWS = dict(synth=_synth_rows, data=_data_rows, learner=_learner_rows, interpret=_interpret_rows)
 
+# %% ../nbs/07_bench.ipynb #78bb3c19
+def meets(measured:float, # the measured ratio
+          target:str, # '>= 5', '> 1', '<= 1.2', '< 1', or '~ 1' (within 10%)
+         ) -> bool:
+    "Whether a measured ratio meets its target, written as the benchmark table writes it."
+    op, value = target.split()
+    value = float(value)
+    return dict(zip(('>=', '>', '<=', '<', '~'), (measured >= value, measured > value, measured <= value,
+                                                 measured < value, abs(measured - value) <= 0.1*value)))[op]
+
 # %% ../nbs/07_bench.ipynb #0b1654d2
 def bench_all(size:int=224, # model input side of the loader and explanation benchmarks
               only:tuple=BENCHMARKS, # chapters to benchmark
@@ -295,7 +305,8 @@ def bench_all(size:int=224, # model input side of the loader and explanation ben
              ) -> pd.DataFrame:
     "Every chapter's benchmark, one row per ratio, next to its target and the machine that measured it."
     rows = [row for c in BENCHMARKS if c in only for row in _CHAPTER_ROWS[c](size, device)]
-    return pd.DataFrame(rows, columns=[*_COLUMNS, 'size']).round(2).assign(machine=machine(device))
+    res = pd.DataFrame(rows, columns=[*_COLUMNS, 'size']).round(2)
+    return res.assign(meets_target=[meets(m, t) for m, t in zip(res.measured, res.target)], machine=machine(device))
 
 # %% ../nbs/07_bench.ipynb #8ade62cf
 BENCH_TABLE = project_root()/'results'/'bench.csv'  # written by `mura-study bench`, shown by the chapters
@@ -308,6 +319,6 @@ def bench_results(chapter:str|None=None, # one chapter's rows; None: all
     if not path.exists():
         shown = path.relative_to(project_root()) if path.is_relative_to(project_root()) else path
         print(f"No measured benchmarks in {shown}: run 'mura-study bench' to measure them on this machine.")
-        return pd.DataFrame(columns=[*_COLUMNS, 'size', 'machine'])
+        return pd.DataFrame(columns=[*_COLUMNS, 'size', 'meets_target', 'machine'])
     res = pd.read_csv(path)
     return res if chapter is None else res[res.chapter == chapter].reset_index(drop=True)
