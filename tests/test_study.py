@@ -99,6 +99,7 @@ def test_bench_writes_its_table_where_out_says(tmp_path):
     out = tmp_path / "b.csv"
     with core.torch_threads(1): assert study.main(["bench", "--only", "learner", "--out", str(out)]) == 0
     df = pd.read_csv(out)
-    assert list(df.columns) == ["chapter", "benchmark", "measured", "target", "unit", "size", "machine"]
+    assert list(df.columns) == ["chapter", "benchmark", "measured", "target", "unit", "size", "meets_target", "machine"]
+    assert df.meets_target.dtype == bool
     assert df.chapter.tolist() == ["learner", "learner"] and df.measured.notna().all() and (df.target != "").all()
     assert "1 torch threads" in df.machine[0]
