@@ -582,8 +582,10 @@ def explain_to_files(model_dir, # a folder written by `learner.save_model` (or a
         aucs = map_aucs(model, Image.fromarray(maps['image'][i]), {m: maps[m][i] for m in methods}, steps=steps)
         records.append(dict(path=p, prob_abnormal=float(probs[i]), overlay=png.name, **aucs))
     f = out/'explanations.json'
-    f.write_text(json.dumps(dict(model=getattr(model, 'config', {}), methods=list(methods), lime_samples=lime_samples,
-                                 seed=seed, images=records, skipped=skipped), indent=1, default=str))
+    with atomic_write(f) as t:  # a kill mid-write leaves the previous file, never half of one
+        t.write_text(json.dumps(dict(model=getattr(model, 'config', {}), methods=list(methods),
+                                     lime_samples=lime_samples, seed=seed, images=records, skipped=skipped),
+                                indent=1, default=str))
     return f
 
 # %% ../nbs/06_interpret.ipynb #064811a5

@@ -173,6 +173,15 @@ def run_chapter(nb:Path, out:Path, params:dict) -> float:
                                f"{e.ename}: {e.evalue}\nExecuted notebook: {out}") from None
     return t.seconds
 
+# %% ../nbs/08_study.ipynb #ab54ed22
+def _drop_stale(rd:Path, # the run folder
+                nbs:list[Path], # the chapters of this checkout
+               ):
+    "Remove executed copies of notebooks that are no longer chapters (a run folder from before a renumbering)."
+    keep = {nb.stem for nb in nbs}
+    for f in [*(rd/'notebooks').glob('*.ipynb'), *(rd/'html').glob('*.html')]:
+        if f.stem not in keep: f.unlink(); print(f"{f.relative_to(rd)}: not a chapter of this checkout, removed")
+
 # %% ../nbs/08_study.ipynb #7a00e8d2
 def reproduce(profile:str='demo', # run profile: ci, demo or paper
               data:str|None=None, # a MURA-v1.1 folder; None: the synthetic set
@@ -190,6 +199,7 @@ def reproduce(profile:str='demo', # run profile: ci, demo or paper
     if problems := preflight(prof, rd, data=data, nbs=nbs, html=html):
         raise NotReady('the run cannot start:\n' + '\n'.join(problems))
     params = dict(name=rd.name, profile=prof.name, data_path=str(run_data(rd, prof, data)))
+    _drop_stale(rd, nbs)
     todo = to_run(nbs, rd/'notebooks', force)
     for nb in nbs:
         if nb not in todo: print(f"{nb.stem}: finished earlier, kept"); continue
