@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['RUN_SUBDIRS', 'PROFILES', 'DEFAULT_LR', 'FIGURE_DPI', 'BENCHMARKS', 'project_root', 'runs_root', 'run_dir',
-           'seed_everything', 'default_device', 'Profile', 'profile', 'atomic_write', 'RunBusy', 'run_lock', 'run_data',
-           'write_figure', 'save_figure', 'save_table', 'Timer', 'seconds', 'torch_threads']
+__all__ = ['RUN_SUBDIRS', 'PROFILES', 'DEFAULT_LR', 'DEFAULT_DROPOUT', 'DEFAULT_L2', 'CPU_ISA_ENV', 'PRUNER_RUNGS', 'FIGURE_DPI',
+           'BENCHMARKS', 'project_root', 'runs_root', 'run_dir', 'seed_everything', 'default_device', 'Profile',
+           'profile', 'cpu_env', 'planned_epochs', 'atomic_write', 'RunBusy', 'run_lock', 'run_data', 'write_figure',
+           'save_figure', 'save_table', 'Timer', 'seconds', 'torch_threads']
 
 # %% ../nbs/00_core.ipynb #e7cda018
 def project_root(start:Path|str|None=None, # folder to search upwards from (default: the working directory)
@@ -72,33 +73,38 @@ def default_device() -> torch.device:
 # %% ../nbs/00_core.ipynb #eb940bfe
 @dataclass(frozen=True)
 class Profile:
-    "The size of a study run: data, images, training and explanation budgets."
+    "The size of a study run: data, images, training, seeds, search and explanation budgets, and the CPU kernels."
     name:str
     size:int                    # model input size in pixels (square, after padding)
-    epochs:int                  # training epochs per model
+    epochs:int                  # training epochs per model, and per search trial (trials train the same schedule)
     bs:int                      # batch size
     archs:tuple                 # architectures trained by the learner chapter
     n_patients:int|None         # synthetic patients to generate (None: real data, use it all)
     synth_side:int              # longest side of synthetic images, in pixels
-    n_trials:int                # hyperparameter-search trials
-    trial_epochs:int            # training epochs per trial (the final baseline and tuned models train `epochs`)
+    n_trials:int                # hyperparameter-search trials, the enqueued baseline included
     lime_samples:int            # perturbations per LIME explanation
     n_explain:int               # images explained per architecture
     paper_images:int = 5107     # images in the subset the paper's protocols draw (the paper: 5,107)
     data:str = 'synthetic'      # 'synthetic' or 'real'
+    seeds:int = 1               # trainings (seeds 0, 1, ...) of each architecture under the official protocol
+    protocol_seeds:int = 1      # trainings of each of the paper's two protocols
+    pretrained:bool = False     # start from ImageNet weights (timm: hub, its cache, or a local file)
+    cpu_isa:str|None = None     # pin the CPU kernels to this instruction set ('avx2'): same numbers on any such CPU
+    threads:int|None = None     # torch CPU threads of the chapters (None: torch's default, one per core)
 
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../nbs/00_core.ipynb #14ec4b0c
 PROFILES = {
     'ci':    Profile('ci',    size=64,  epochs=1,  bs=16, archs=('mobilenetv2',), n_patients=60,  synth_side=160,
-                     n_trials=2,  trial_epochs=1, lime_samples=64,   n_explain=4),
-    'demo':  Profile('demo',  size=128, epochs=15, bs=32, archs=('mobilenetv2',), n_patients=900, synth_side=320,
-                     n_trials=4,  trial_epochs=2, lime_samples=300,  n_explain=12, paper_images=2000),
+                     n_trials=2,  lime_samples=64,   n_explain=4, cpu_isa='avx2', threads=2),
+    'demo':  Profile('demo',  size=128, epochs=12, bs=32, archs=('mobilenetv2',), n_patients=900, synth_side=320,
+                     n_trials=4,  lime_samples=300,  n_explain=12, paper_images=1200, seeds=2, cpu_isa='avx2',
+                     threads=2),
     'paper': Profile('paper', size=224, epochs=30, bs=32,
                      archs=('vgg19', 'xception', 'mobilenetv2', 'convnext_base', 'densenet169'),
-                     n_patients=None, synth_side=512, n_trials=50, trial_epochs=30, lime_samples=1000, n_explain=32,
-                     data='real'),
+                     n_patients=None, synth_side=512, n_trials=40, lime_samples=1000, n_explain=32,
+                     data='real', seeds=3, protocol_seeds=3, pretrained=True),
 }
 
 # %% ../nbs/00_core.ipynb #449115c2
@@ -115,6 +121,35 @@ def profile(name:str, # one of `PROFILES`: 'ci', 'demo' or 'paper'
 
 # %% ../nbs/00_core.ipynb #8c3080b4
 DEFAULT_LR = 1e-2  # one-cycle peak learning rate of the study's untuned models (from scratch, Adam, batch 32)
+DEFAULT_DROPOUT = 0.5  # head dropout of the untuned models
+DEFAULT_L2 = 1e-6  # L2 penalty of the untuned models: none to speak of, and the floor of the tuning space
+
+# %% ../nbs/00_core.ipynb #55f9b6d1
+CPU_ISA_ENV = {'avx2': dict(ATEN_CPU_CAPABILITY='avx2', ONEDNN_MAX_CPU_ISA='AVX2', MKL_ENABLE_INSTRUCTIONS='AVX2')}
+
+def cpu_env(prof:Profile, # the run profile (its `cpu_isa` and `threads`)
+           ) -> dict:
+    "Environment variables that pin torch, oneDNN and MKL to the profile's instruction set and thread count."
+    if prof.cpu_isa is not None and prof.cpu_isa not in CPU_ISA_ENV:
+        raise ValueError(f"Unknown cpu_isa {prof.cpu_isa!r}; known: {', '.join(CPU_ISA_ENV)} (or None).")
+    env = dict(CPU_ISA_ENV.get(prof.cpu_isa, {}))
+    if prof.threads: env |= dict(OMP_NUM_THREADS=str(prof.threads), MKL_NUM_THREADS=str(prof.threads))
+    return env
+
+# %% ../nbs/00_core.ipynb #66258ee5
+PRUNER_RUNGS = (1, 3, 9, 27)  # epochs at which successive halving compares trials (reduction factor 3)
+
+def _expected_trial_epochs(epochs:int, rungs=PRUNER_RUNGS, factor:int=3) -> float:
+    "Epochs a pruned trial trains on average when each rung keeps a `1/factor` share of the trials reaching it."
+    marks = [r for r in rungs if r < epochs] + [epochs]
+    return sum((b - a) / factor**i for i, (a, b) in enumerate(zip([0, *marks], marks)))
+
+def planned_epochs(prof:Profile) -> dict:
+    "Training epochs per chapter: learner (exact), tuning expected under pruning, and tuning at most."
+    learner = (len(prof.archs)*prof.seeds + 2*prof.protocol_seeds) * prof.epochs
+    extra = prof.n_trials - 1  # the first trial is the learner chapter's official model
+    return dict(learner=learner, tuning_expected=round(extra*_expected_trial_epochs(prof.epochs)),
+                tuning_most=extra*prof.epochs)
 
 # %% ../nbs/00_core.ipynb #7fcabaad
 @contextlib.contextmanager

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['METRICS', 'weighted_auroc', 'binary_metrics', 'study_frame', 'bootstrap_weights', 'metric_table', 'paired_bootstrap',
-           'bootstrap_ci']
+__all__ = ['METRICS', 'weighted_auroc', 'binary_metrics', 'best_threshold', 'study_frame', 'bootstrap_weights', 'metric_table',
+           'compare_models', 'paired_bootstrap', 'leak_bootstrap', 'bootstrap_ci']
 
 # %% ../nbs/03_metrics.ipynb #865ea073
 def _ratio(a, b, empty=0.0):
@@ -36,17 +36,30 @@ METRICS = ('precision', 'recall', 'f1', 'macro_f1', 'accuracy', 'auroc', 'kappa'
 def binary_metrics(y, # labels, 1 = abnormal
                    prob, # predicted probability of abnormal
                    w=None, # weights `(n,)` or `(B, n)`: one row per bootstrap resample (default: all ones)
+                   threshold:float=0.5, # called abnormal when `prob > threshold` (MURA's rule: 0.5)
                   ) -> dict:
-    "`METRICS` of `prob > 0.5` against `y`, one value per row of `w`."
+    "`METRICS` of `prob > threshold` against `y`, one value per row of `w`."
     y, prob = np.asarray(y).astype(bool), np.asarray(prob, float)
     w = np.ones((1, len(y))) if w is None else np.atleast_2d(np.asarray(w, float))
-    pred = prob > 0.5
+    pred = prob > threshold
     tp, fp, fn, tn = (w @ (y & pred), w @ (~y & pred), w @ (y & ~pred), w @ (~y & ~pred))
     n = tp + fp + fn + tn
     f1, f1_normal = _ratio(2*tp, 2*tp + fp + fn), _ratio(2*tn, 2*tn + fn + fp)
     acc, chance = _ratio(tp + tn, n), _ratio((tp+fp)*(tp+fn) + (tn+fn)*(tn+fp), n**2)
     return dict(precision=_ratio(tp, tp + fp), recall=_ratio(tp, tp + fn), f1=f1, macro_f1=(f1 + f1_normal)/2,
                 accuracy=acc, auroc=weighted_auroc(y, prob, w), kappa=_ratio(acc - chance, 1 - chance, np.nan))
+
+# %% ../nbs/03_metrics.ipynb #ae398c5e
+def best_threshold(y, # validation labels, 1 = abnormal
+                   prob, # validation probabilities of abnormal
+                   metric:str='f1', # the metric of `METRICS` to maximise
+                  ) -> float:
+    "The threshold (`prob > t` is abnormal) that maximises `metric` on (`y`, `prob`); ties go to the one nearest 0.5."
+    u = np.unique(np.asarray(prob, float))
+    cands = np.r_[(u[:-1] + u[1:])/2, 0.5] if len(u) > 1 else np.array([0.5])
+    scores = np.array([np.nan_to_num(binary_metrics(y, prob, threshold=t)[metric][0], nan=-np.inf) for t in cands])
+    best = np.flatnonzero(scores == scores.max())
+    return float(cands[best[np.argmin(np.abs(cands[best] - 0.5))]])
 
 # %% ../nbs/03_metrics.ipynb #f7002e9c
 def study_frame(images:pd.DataFrame, # one row per image: study, body_part, label, prob
@@ -89,29 +102,104 @@ def metric_table(df:pd.DataFrame, # rows with study, body_part, label, prob (ima
                              n_studies=d.study.nunique(), n=len(d)))
     return pd.DataFrame(rows)
 
+# %% ../nbs/03_metrics.ipynb #95040017
+def _aligned(models:dict) -> tuple:
+    "Studies, labels and each model's probabilities `(seeds, studies)`, in one study order; refuses other studies."
+    frames = {k: [v] if isinstance(v, pd.DataFrame) else list(v) for k, v in models.items()}
+    first = next(iter(frames.values()))[0].drop_duplicates('study').set_index('study')
+    probs = {}
+    for k, fs in frames.items():
+        for f in fs:
+            if len(f) != len(first) or set(f.study) != set(first.index): raise ValueError(
+                f"The models were scored on different studies ({len(first)} and {len(f)} rows, "
+                f"{len(set(f.study) & set(first.index))} shared): compare them on the same test set.")
+        probs[k] = np.stack([f.set_index('study').prob.reindex(first.index).to_numpy(float) for f in fs])
+    return first.index.to_numpy(), first.label.to_numpy(), probs
+
+def _seed_mean(y, probs:np.ndarray, w:np.ndarray, metric:str) -> tuple:
+    "Per-seed metric on the full set, and on each resample the mean over seeds `(B,)`."
+    full = np.array([binary_metrics(y, p)[metric][0] for p in probs])
+    boot = np.mean([binary_metrics(y, p, w)[metric] for p in probs], axis=0)
+    return full, boot
+
+# %% ../nbs/03_metrics.ipynb #35373bbb
+def compare_models(models:dict, # name -> test studies (study, label, prob), or a list of them, one per seed
+                   metrics:tuple=('f1', 'kappa', 'auroc'), # from `METRICS`
+                   ref:str|None='best', # the model every other is compared with; 'best': best in `metrics[0]`
+                   n_boot:int=1000, # resamples of studies
+                   seed:int=0, # seed of the resampling
+                   ci:float=0.95, # interval coverage
+                  ) -> pd.DataFrame:
+    "Each model's seed-mean metrics with intervals and seed spread, and its paired difference from `ref`."
+    studies, y, probs = _aligned(models)
+    w, q = bootstrap_weights(studies, n_boot, seed), [(1 - ci)/2, (1 + ci)/2]
+    stats = {(k, m): _seed_mean(y, p, w, m) for k, p in probs.items() for m in metrics}
+    if ref == 'best': ref = max(probs, key=lambda k: stats[k, metrics[0]][0].mean())
+    if ref is not None and ref not in probs: raise ValueError(f"ref={ref!r} is not one of the models {list(probs)}.")
+    rows = []
+    for (k, m), (full, boot) in stats.items():
+        other = stats[ref, m][1] if ref is not None else np.full_like(boot, np.nan)
+        ok = ~np.isnan(boot) & (~np.isnan(other) if ref is not None else True)  # kappa: undefined on one class
+        diff = boot[ok] - other[ok]
+        rows.append(dict(model=k, metric=m, value=full.mean(), lo=np.quantile(boot[ok], q[0]),
+                         hi=np.quantile(boot[ok], q[1]), seed_sd=full.std(ddof=1) if len(full) > 1 else np.nan,
+                         n_seeds=len(full), ref=ref,
+                         diff=full.mean() - stats[ref, m][0].mean() if ref is not None else np.nan,
+                         diff_lo=np.quantile(diff, q[0]) if ref is not None else np.nan,
+                         diff_hi=np.quantile(diff, q[1]) if ref is not None else np.nan,
+                         p_diff_le_0=float(np.mean(diff <= 0)) if ref is not None else np.nan,
+                         n_studies=len(studies)))
+    return pd.DataFrame(rows)
+
 # %% ../nbs/03_metrics.ipynb #9b7a29e0
 def paired_bootstrap(base:pd.DataFrame, # baseline's test studies: study, label, prob (`evaluate(...)['studies']`)
-                     tuned:pd.DataFrame, # tuned model's, on the same studies
+                     tuned:pd.DataFrame, # the other model's, on the same studies
                      metrics:tuple=('f1', 'kappa'), # from `METRICS`
                      n_boot:int=1000, # resamples of studies
                      seed:int=0, # seed of the resampling
                      ci:float=0.95, # interval coverage
                     ) -> pd.DataFrame:
     "Baseline, tuned and gain (tuned - baseline) per metric on the same resamples: intervals and P(gain <= 0)."
-    m = base[['study', 'label', 'prob']].merge(tuned[['study', 'prob']], on='study', suffixes=('_base', '_tuned'))
-    if not len(m) == len(base) == len(tuned):
-        raise ValueError(f"The models were scored on different studies ({len(base)} and {len(tuned)}, "
-                         f"{len(m)} shared).")
-    w, q, rows = bootstrap_weights(m.study, n_boot, seed), [(1 - ci)/2, (1 + ci)/2], []
-    for k in metrics:
-        (eb, bb), (et, bt) = [(binary_metrics(m.label, m[c])[k][0], binary_metrics(m.label, m[c], w)[k])
-                              for c in ('prob_base', 'prob_tuned')]
-        ok = ~np.isnan(bb) & ~np.isnan(bt)  # kappa is undefined on a resample of one class
-        row = dict(metric=k)
-        for col, est, b in [('baseline', eb, bb[ok]), ('tuned', et, bt[ok]), ('gain', et - eb, bt[ok] - bb[ok])]:
-            row.update({col: est, f'{col}_lo': np.quantile(b, q[0]), f'{col}_hi': np.quantile(b, q[1])})
-        rows.append(row | dict(p_no_gain=float(np.mean(bt[ok] - bb[ok] <= 0)), n_studies=len(m)))
-    return pd.DataFrame(rows)
+    c = compare_models({'baseline': base, 'tuned': tuned}, metrics, ref='baseline', n_boot=n_boot, seed=seed, ci=ci)
+    b, t = (c[c.model == k].set_index('metric') for k in ('baseline', 'tuned'))
+    return pd.DataFrame([dict(metric=k, baseline=b.value[k], baseline_lo=b.lo[k], baseline_hi=b.hi[k],
+                              tuned=t.value[k], tuned_lo=t.lo[k], tuned_hi=t.hi[k], gain=t['diff'][k],
+                              gain_lo=t.diff_lo[k], gain_hi=t.diff_hi[k], p_no_gain=t.p_diff_le_0[k],
+                              n_studies=t.n_studies[k]) for k in metrics])
+
+# %% ../nbs/03_metrics.ipynb #5a9aa24a
+def leak_bootstrap(own:dict, # protocol -> its own test studies (or a list, one per seed)
+                   shared:dict, # protocol -> the shared test studies, same models (or a list, one per seed)
+                   metrics:tuple=('f1', 'kappa', 'auroc'), # from `METRICS`
+                   ref:str|None='paper_clean', # the protocol whose inflation the others are compared with
+                   n_boot:int=1000, # resamples of studies
+                   seed:int=0, # seed of the resampling
+                   ci:float=0.95, # interval coverage
+                  ) -> pd.DataFrame:
+    "Each protocol's score on its own and on the shared test set, their difference (inflation), and vs `ref`."
+    s_studies, s_y, s_probs = _aligned(shared)
+    w_s, q, rows, boots = bootstrap_weights(s_studies, n_boot, seed), [(1 - ci)/2, (1 + ci)/2], [], {}
+    for i, p in enumerate(shared):
+        o_studies, o_y, o_probs = _aligned({p: own[p]})
+        same = set(o_studies) == set(s_studies)  # the official protocol: its own test set is the shared one
+        w_o = (w_s[:, pd.Index(s_studies).get_indexer(o_studies)] if same
+               else bootstrap_weights(o_studies, n_boot, seed + 1 + i))
+        for m in metrics:
+            (of, ob), (sf, sb) = _seed_mean(o_y, o_probs[p], w_o, m), _seed_mean(s_y, s_probs[p], w_s, m)
+            boots[p, m] = (of.mean() - sf.mean(), ob - sb)
+            rows.append(dict(protocol=p, metric=m, own=of.mean(), own_lo=np.nanquantile(ob, q[0]),
+                             own_hi=np.nanquantile(ob, q[1]), shared=sf.mean(), shared_lo=np.nanquantile(sb, q[0]),
+                             shared_hi=np.nanquantile(sb, q[1]), n_own=len(o_studies), n_shared=len(s_studies)))
+    out = pd.DataFrame(rows)
+    for col, f in [('inflation', lambda p, m: boots[p, m]),
+                   ('vs_ref', lambda p, m: (boots[p, m][0] - boots[ref, m][0], boots[p, m][1] - boots[ref, m][1]))]:
+        if col == 'vs_ref' and ref is None: continue
+        vals = [f(p, m) for p, m in zip(out.protocol, out.metric)]
+        out[col] = [v for v, _ in vals]
+        out[f'{col}_lo'] = [np.nanquantile(b, q[0]) for _, b in vals]
+        out[f'{col}_hi'] = [np.nanquantile(b, q[1]) for _, b in vals]
+        out[f'p_{col}_le_0'] = [float(np.mean(b[~np.isnan(b)] <= 0)) for _, b in vals]
+    return out
 
 # %% ../nbs/03_metrics.ipynb #c8c74d5f
 def bootstrap_ci(values, # per-item scores
