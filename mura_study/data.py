@@ -35,10 +35,10 @@ from .synth import BODY_PARTS
 __all__ = ['SPLITS', 'MURA_CSVS', 'COLUMNS', 'CHECKS', 'VOCAB', 'PROBLEM_COLUMNS', 'PAPER_IMAGES', 'PROTOCOLS', 'GREY_MEAN',
            'GREY_STD', 'CACHE_VERSION', 'CACHE_MARGIN', 'BOX_COLUMNS', 'mura_folder', 'MuraError', 'read_mura',
            'problems', 'summary', 'patient_split', 'leakage_report', 'LeakageError', 'check_leakage', 'paper_subset',
-           'with_copies', 'protocol', 'to_grey', 'pad_square', 'load_grey', 'GreyCache', 'grey_cache', 'Augment',
-           'shear_mat', 'RotateShear', 'RandomBlur', 'SaltPepper', 'augment_tfms', 'pil_augment', 'offline_copy',
-           'to_batch', 'GreyItem', 'label_name', 'GreyDL', 'MuraDataLoaders', 'mura_dataloaders', 'read_boxes',
-           'plot_counts', 'plot_image_sizes', 'augmentation_gallery', 'plot_batch']
+           'with_copies', 'protocol', 'shared_test', 'to_grey', 'pad_square', 'load_grey', 'GreyCache', 'grey_cache',
+           'Augment', 'shear_mat', 'RotateShear', 'RandomBlur', 'SaltPepper', 'augment_tfms', 'pil_augment',
+           'offline_copy', 'to_batch', 'GreyItem', 'label_name', 'GreyDL', 'MuraDataLoaders', 'mura_dataloaders',
+           'read_boxes', 'plot_counts', 'plot_image_sizes', 'augmentation_gallery', 'plot_batch']
 
 # %% ../nbs/02_data.ipynb #07e3f23d
 SPLITS = ('train', 'valid')
@@ -389,13 +389,14 @@ def _official(df, seed=0, valid_pct=0.1, **kw):
     return pd.concat([tr, _plain(df[df.split == 'valid']).assign(set='test')]).assign(aug=0, source=lambda d: d.path)
 
 def _paper(df, seed=0, n_images=PAPER_IMAGES, n_copies=3, fractions=(0.7, 0.2, 0.1), **kw):
-    rows = with_copies(paper_subset(df, n_images, seed), n_copies)
+    rows = with_copies(paper_subset(df[df.split == 'train'], n_images, seed), n_copies)
     n = len(rows); n_tr, n_va = round(fractions[0] * n), round(fractions[1] * n)
     sets = np.array(['train'] * n_tr + ['valid'] * n_va + ['test'] * (n - n_tr - n_va))
     return rows.assign(set=sets[np.random.default_rng(seed).permutation(n)])
 
 def _paper_clean(df, seed=0, n_images=PAPER_IMAGES, n_copies=3, fractions=(0.7, 0.2, 0.1), **kw):
-    sub = patient_split(paper_subset(df, n_images, seed), fractions[1], seed, test_pct=fractions[2])
+    sub = patient_split(paper_subset(df[df.split == 'train'], n_images, seed), fractions[1], seed,
+                        test_pct=fractions[2])
     tr, rest = with_copies(sub[sub.set == 'train'], n_copies), sub[sub.set != 'train']
     return pd.concat([tr, rest.assign(aug=0, source=rest.path)])
 
@@ -412,10 +413,17 @@ def protocol(df:pd.DataFrame, # images from `read_mura`
     out = PROTOCOLS[name](_plain(df), seed=seed, **kwargs)
     n_want = kwargs.get('n_images', PAPER_IMAGES)
     out.attrs = dict(protocol=name, seed=seed)
-    if name != 'official' and len(df) < n_want:
-        out.attrs['note'] = f"the {n_want:,}-image subset is capped at the {len(df):,} images available"
+    n_train = int((df.split == 'train').sum())
+    if name != 'official' and n_train < n_want:
+        out.attrs['note'] = f"the {n_want:,}-image subset is capped at the {n_train:,} images of the train split"
         warnings.warn(f"protocol {name!r}: {out.attrs['note']}.", stacklevel=2)
     return out.reset_index(drop=True)
+
+# %% ../nbs/02_data.ipynb #ca4df59e
+def shared_test(df:pd.DataFrame, # images from `read_mura`
+               ) -> pd.DataFrame:
+    "MURA's valid split as test rows: the one test set that no protocol trains on (the official protocol's own)."
+    return _plain(df[df.split == 'valid']).assign(set='test', aug=0, source=lambda d: d.path).reset_index(drop=True)
 
 # %% ../nbs/02_data.ipynb #3f3a37b6
 def to_grey(im:Image.Image, # an image of any PIL mode

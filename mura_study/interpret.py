@@ -598,7 +598,7 @@ def trained_model(arch:str, # architecture key
                  ) -> tuple[nn.Module, pd.DataFrame]:
     "A trained `arch` and the original test images of its protocol: a saved model, else one trained on 'official'."
     models_dir = Path(models_dir or run_dir(name)/'models')
-    for proto in ('paper_clean', 'official', 'paper'):  # 'paper' last: its test originals have copies in train
+    for proto in ('official', 'paper_clean', 'paper'):  # 'paper' last: its test originals have copies in train
         if (f := models_dir/f'{arch}-{proto}'/'final').is_dir(): return load_model(f), _test_rows(df, proto, seed)
     learn, _ = fit_evaluate(protocol(df, 'official', seed=seed), arch=arch, size=size, epochs=epochs, bs=bs,
                             lr=DEFAULT_LR, seed=seed, name=name, n_boot=10)

@@ -39,17 +39,20 @@ from fastai.vision.learner import create_timm_model, default_split
 
 from . import core
 from .core import *
-from .data import GREY_MEAN, GREY_STD, GreyItem, mura_dataloaders, protocol, read_mura, to_batch
-from .metrics import METRICS, binary_metrics, metric_table, study_frame
+from .data import (GREY_MEAN, GREY_STD, GreyItem, grey_cache, mura_dataloaders, protocol, read_mura,
+                             shared_test, to_batch)
+from .metrics import (METRICS, binary_metrics, compare_models, leak_bootstrap, metric_table, operating_point,
+                                study_frame)
 
 # %% auto #0
 __all__ = ['ARCHS', 'MIN_INPUT', 'MODEL_FORMAT', 'PAIR_KEY', 'CONFIG_KEYS', 'TIMM_OPTIONS', 'PICKLE_SUFFIXES', 'Arch', 'get_arch',
-           'pretrained_file', 'MuraModel', 'paper_head', 'mura_model', 'gradcam_layer', 'mura_split', 'StudyKappa',
+           'pretrained_file', 'MuraModel', 'paper_head', 'mura_model', 'gradcam_layer', 'mura_split', 'StudyMetric',
            'check_training', 'mura_learner', 'nonfinite_weights', 'save_model', 'model_config', 'load_model',
            'save_checkpoint', 'load_checkpoint', 'Checkpoints', 'FiniteLoss', 'fingerprint', 'train_folder', 'train',
            'evaluating', 'fold_batchnorms', 'inference_model', 'predict', 'evaluate', 'summary_row', 'plot_confusion',
-           'plot_roc', 'efficiency_table', 'fit_evaluate', 'exposure_epochs', 'comparison_table', 'long_table',
-           'plot_metric_bars', 'kappa_by_body_part', 'plot_kappa_heatmap', 'plot_efficiency']
+           'plot_roc', 'efficiency_table', 'fit_evaluate', 'exposure_epochs', 'train_seeds', 'nearest_neighbour',
+           'comparison_table', 'seed_table', 'leak_table', 'plot_leak', 'long_table', 'plot_metric_bars',
+           'kappa_by_body_part', 'plot_kappa_heatmap', 'plot_efficiency']
 
 # %% ../nbs/04_learner.ipynb #cbec36f4
 @dataclass(frozen=True)
@@ -86,8 +89,10 @@ def get_arch(arch:str|Arch, # a key of `ARCHS`, or an `Arch`
 def pretrained_file(arch:str|Arch, # architecture key or entry
                     weights:str|Path|None=None, # a local `.safetensors` file with the timm model's weights
                    ) -> Path:
-    "The local file holding `arch`'s pretrained weights: `weights`, else timm's copy in the hub cache. Never downloads."
+    "`arch`'s pretrained weights: `weights`, else `$MURA_STUDY_WEIGHTS/<arch>.safetensors`, else timm's cache. No download."
     a = get_arch(arch)
+    if weights is None and (folder := os.environ.get('MURA_STUDY_WEIGHTS')):
+        weights = Path(folder).expanduser()/f'{a.key}.safetensors'
     if weights is not None:
         p = Path(weights)
         if p.suffix != '.safetensors': raise ValueError(
@@ -103,7 +108,8 @@ def pretrained_file(arch:str|Arch, # architecture key or entry
         f"No pretrained weights for {a.paper_name} (timm '{a.timm_id}') on this machine, and none are downloaded "
         f"during a run. Fetch them once where there is internet: "
         f"python -c \"import timm; timm.create_model('{a.timm_id}', pretrained=True)\" "
-        f"and copy the cache ({HF_HUB_CACHE}) here; or pass weights='path/to/model.safetensors'; "
+        f"and copy the cache ({HF_HUB_CACHE}) here; or pass weights='path/to/model.safetensors', or set "
+        f"MURA_STUDY_WEIGHTS to a folder holding {a.key}.safetensors; "
         "or train from scratch with pretrained=False.")
 
 # %% ../nbs/04_learner.ipynb #5f28e3d5
@@ -164,8 +170,9 @@ def mura_split(m:MuraModel):
     return default_split(m.net)
 
 # %% ../nbs/04_learner.ipynb #fdede91c
-class StudyKappa(Metric):
-    "Cohen's kappa on the validation set at study level (study probability = mean of its images'), else image level."
+class StudyMetric(Metric):
+    "A metric of `METRICS` on the validation set, at study level (a study's probability: its images' mean) if it can."
+    def __init__(self, metric:str='kappa'): self.metric = metric
     def reset(self): self.probs, self.targs, self.items = [], [], None
     def accumulate(self, learn):
         self.probs.append(to_detach(learn.pred).float().softmax(-1)[:, 1]); self.targs.append(to_detach(learn.y))
@@ -177,9 +184,9 @@ class StudyKappa(Metric):
         if isinstance(self.items, pd.DataFrame) and 'study' in self.items and len(self.items) == len(p):
             s = study_frame(pd.DataFrame(dict(study=self.items['study'].values, body_part='', label=y, prob=p)))
             y, p = s.label.values, s.prob.values
-        return float(binary_metrics(y, p)['kappa'][0])
+        return float(binary_metrics(y, p)[self.metric][0])
     @property
-    def name(self): return 'kappa'
+    def name(self): return self.metric
 
 # %% ../nbs/04_learner.ipynb #11bcc2e7
 def _dls_size(dls) -> int:
@@ -212,13 +219,14 @@ def mura_learner(dls, # DataLoaders from `data.mura_dataloaders` (vocab ['normal
                  arch:str|Arch='mobilenetv2', # architecture key or entry
                  pretrained:bool=False, # start from ImageNet weights (local file or hub cache only)
                  weights:str|Path|None=None, # local `.safetensors` weights for the timm model
-                 dropout:float=0.5, # dropout of the head (fastai `ps`)
-                 l2:float=0.0, # true L2 penalty: `l2 * sum(w**2)` added to the loss (Keras style)
+                 dropout:float=DEFAULT_DROPOUT, # dropout of the head (fastai `ps`)
+                 l2:float|None=None, # true L2 penalty `l2 * sum(w**2)` in the loss (Keras style); None: `DEFAULT_L2`
                  wd:float|None=None, # decoupled weight decay (AdamW style); not together with `l2`
                  size:int|None=None, # input size of `dls` (default: read from its first training item)
                  **kwargs, # passed to fastai's `Learner`
                 ) -> Learner:
     "A fastai `Learner` for `arch` on `dls`: one grey input channel, head dropout, L2 or decoupled weight decay."
+    if l2 is None: l2 = 0.0 if wd else DEFAULT_L2  # decoupled weight decay replaces the L2 penalty
     if l2 and wd: raise ValueError(
         f"Pass either l2={l2} (L2 penalty in the loss) or wd={wd} (decoupled weight decay), not both.")
     if not (_real(dropout) and 0 <= dropout < 1): raise ValueError(f"dropout={dropout!r}: need a number in [0, 1).")
@@ -230,7 +238,8 @@ def mura_learner(dls, # DataLoaders from `data.mura_dataloaders` (vocab ['normal
     model.config.update(l2=l2, wd=wd)
     decay = 2*l2 if l2 else (wd or 0.0)
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(Adam, wd=decay, decouple_wd=not l2),
-                   splitter=mura_split, wd=decay, metrics=[accuracy, StudyKappa()], **kwargs)
+                   splitter=mura_split, wd=decay, metrics=[accuracy, StudyMetric('kappa'), StudyMetric('f1')],
+                   **kwargs)
 
 # %% ../nbs/04_learner.ipynb #eefa7678
 def nonfinite_weights(model:nn.Module|Learner, # a model, or a learner holding one
@@ -759,6 +768,46 @@ def exposure_epochs(cut:pd.DataFrame, # a protocol's rows (`set`, and `source` f
     originals = train_rows['source'].nunique() if 'source' in train_rows else len(train_rows)
     return max(1, round(epochs*originals/max(len(train_rows), 1)))
 
+# %% ../nbs/04_learner.ipynb #cd4f32d5
+def train_seeds(cut:pd.DataFrame, # a protocol's rows: `set` = train/valid/test
+                arch:str, # architecture key
+                seeds, # training seeds, e.g. `range(2)`
+                shared:pd.DataFrame|None=None, # the shared test rows (`data.shared_test`); None: own test rows only
+                tag:str|None=None, # model folder of the first seed; later seeds add `-seed<k>`
+                name:str|None=None, # run name (where models, checkpoints and the cache go)
+                n_boot:int=1000, # bootstrap resamples of each evaluation
+                **kwargs, # passed to `fit_evaluate`: size, epochs, bs, lr, pretrained, ...
+               ) -> list[dict]:
+    "Train `arch` once per seed; score each on its own test rows, the shared test rows and its validation rows."
+    seeds, tag, runs = list(seeds), tag or arch, []
+    valid = cut[(cut.set == 'valid') & (cut.get('aug', 0) == 0)]
+    for s in seeds:
+        t = tag if s == seeds[0] else f'{tag}-seed{s}'
+        learn, own = fit_evaluate(cut, arch, seed=s, name=name, tag=t, n_boot=n_boot, **kwargs)
+        same = shared is None or set(shared.path) == set(cut.path[cut.set == 'test'])
+        runs.append(dict(seed=s, tag=t, own=own, shared=own if same else evaluate(learn, shared, n_boot=n_boot, seed=s),
+                         valid=evaluate(learn, valid, n_boot=10, seed=s)))
+        if name: save_model(learn, run_dir(name)/'models'/t/'final', metrics=summary_row(own).to_dict())
+    return runs
+
+# %% ../nbs/04_learner.ipynb #11b24276
+def nearest_neighbour(train:pd.DataFrame, # labelled rows to memorise (path, label; `source` for offline copies)
+                      query:pd.DataFrame, # rows to predict
+                      size:int=32, # side of the images compared
+                      cache_dir:Path|str|None=None, # grey-image cache folder (default: a temporary one)
+                     ) -> pd.DataFrame:
+    "`query` with `prob` = the label of the training radiograph nearest to it (standardised original pixels)."
+    src = lambda d: (d['source'] if 'source' in d else d['path']).astype(str)
+    with tempfile.TemporaryDirectory() as tmpd:
+        cache = grey_cache([*src(train), *src(query)], size, cache_dir or tmpd, progress=False)
+        def pixels(d):
+            x = np.stack([cache.get(p).ravel() for p in src(d)]).astype(np.float32)
+            x -= x.mean(1, keepdims=True)
+            return x / (x.std(1, keepdims=True) + 1e-6)
+        a, b = pixels(train), pixels(query)
+    d2 = (b**2).sum(1)[:, None] - 2*b @ a.T + (a**2).sum(1)[None]  # squared distances, query x train
+    return query.assign(prob=train.label.to_numpy()[d2.argmin(1)].astype(float))
+
 # %% ../nbs/04_learner.ipynb #4385d6b0
 def comparison_table(results:dict, # {model name: `evaluate` result}
                      level:str='study', # 'study' or 'image'
@@ -770,6 +819,53 @@ def comparison_table(results:dict, # {model name: `evaluate` result}
     out['n_studies'] = [len(r['studies']) for r in results.values()]
     out['n_images'] = [len(r['images']) for r in results.values()]
     return out
+
+# %% ../nbs/04_learner.ipynb #8a3d98ae
+def seed_table(rows:pd.DataFrame, # from `metrics.compare_models`
+               metrics=('precision', 'recall', 'f1', 'kappa', 'auroc'), # columns, in order
+              ) -> pd.DataFrame:
+    "One row per model: each metric's seed mean as 'value [lo, hi]', the seed spread of F1 and kappa, the seeds."
+    fmt = lambda r: f"{r.value:.3f} [{r.lo:.3f}, {r.hi:.3f}]"
+    r = rows[rows.metric.isin(metrics)]
+    out = r.assign(cell=[fmt(x) for x in r.itertuples()]).pivot(index='model', columns='metric', values='cell')
+    out = out.loc[list(dict.fromkeys(r.model)), [m for m in metrics if m in set(r.metric)]]
+    for m in ('f1', 'kappa'):
+        if m in set(r.metric): out[f'{m}_seed_sd'] = r[r.metric == m].set_index('model').seed_sd.round(3)
+    out['n_seeds'] = r.groupby('model').n_seeds.first()
+    out['n_studies'] = r.groupby('model').n_studies.first()
+    return out.rename_axis(None, axis=1)
+
+# %% ../nbs/04_learner.ipynb #53aec6c2
+def leak_table(leak:pd.DataFrame, # from `metrics.leak_bootstrap`
+               metrics=('f1', 'kappa'), # metrics shown
+              ) -> pd.DataFrame:
+    "One row per protocol: own-test and shared-test scores, the inflation, and the inflation beyond `ref`'s."
+    fmt = lambda v, lo, hi: f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if pd.notna(v) else ''
+    out = {}
+    for r in leak[leak.metric.isin(metrics)].itertuples():
+        d = out.setdefault(r.protocol, dict(n_own=r.n_own, n_shared=r.n_shared))
+        for col in ('own', 'shared', 'inflation', 'vs_ref'):
+            if hasattr(r, col): d[f'{col}_{r.metric}'] = fmt(*(getattr(r, f'{col}{s}') for s in ('', '_lo', '_hi')))
+    t = pd.DataFrame(out).T
+    cols = [f'{c}_{m}' for m in metrics for c in ('own', 'shared', 'inflation', 'vs_ref') if f'{c}_{m}' in t]
+    return t[cols + ['n_own', 'n_shared']].rename_axis('protocol')
+
+# %% ../nbs/04_learner.ipynb #c396a652
+def plot_leak(leak:pd.DataFrame, # from `metrics.leak_bootstrap`
+              metric:str='f1', # the metric drawn
+              title:str='', # the figure's title (default: names the metric)
+             ) -> plt.Figure:
+    "Per protocol, the score on its own test split and on the shared test set, with 95% intervals."
+    d = leak[leak.metric == metric].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6*len(d), 4))
+    for k, (col, label) in enumerate((('own', 'own test split'), ('shared', 'shared test set (MURA valid)'))):
+        x = np.arange(len(d)) + (k - 0.5)*0.38
+        ax.bar(x, d[col], 0.38, label=label, yerr=[d[col] - d[f'{col}_lo'], d[f'{col}_hi'] - d[col]], capsize=3)
+    ax.set(xticks=np.arange(len(d)), xticklabels=d.protocol, ylim=(min(0, d.shared_lo.min()), 1.05),
+           ylabel=f'study-level {metric} (95% CI)')
+    ax.set_title(title or f'Study {metric} on each protocol\'s own test split and on the shared test set', fontsize=10)
+    ax.legend(fontsize=8, loc='lower right')
+    return _shown(fig)
 
 # %% ../nbs/04_learner.ipynb #caabe9b3
 def long_table(results:dict, # {model name: `evaluate` result}

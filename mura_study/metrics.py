@@ -9,7 +9,7 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['METRICS', 'weighted_auroc', 'binary_metrics', 'best_threshold', 'study_frame', 'bootstrap_weights', 'metric_table',
-           'compare_models', 'paired_bootstrap', 'leak_bootstrap', 'bootstrap_ci']
+           'operating_point', 'compare_models', 'paired_bootstrap', 'leak_bootstrap', 'bootstrap_ci']
 
 # %% ../nbs/03_metrics.ipynb #865ea073
 def _ratio(a, b, empty=0.0):
@@ -101,6 +101,24 @@ def metric_table(df:pd.DataFrame, # rows with study, body_part, label, prob (ima
             rows.append(dict(body_part=part, metric=k, value=est[k][0], lo=lo, hi=hi,
                              n_studies=d.study.nunique(), n=len(d)))
     return pd.DataFrame(rows)
+
+# %% ../nbs/03_metrics.ipynb #4e562a48
+def operating_point(valid:pd.DataFrame, # validation studies: study, label, prob
+                    test:pd.DataFrame, # test studies of the same model
+                    metric:str='f1', # the metric the threshold maximises on `valid`
+                    n_boot:int=1000, # resamples of the test studies
+                    seed:int=0, # seed of the resampling
+                    ci:float=0.95, # interval coverage
+                   ) -> dict:
+    "The threshold that maximises `metric` on `valid`, and `metric` at it and at 0.5 on valid and on test (intervals)."
+    t, q = best_threshold(valid.label, valid.prob, metric), [(1 - ci)/2, (1 + ci)/2]
+    w, out = bootstrap_weights(test.study, n_boot, seed), dict(threshold=t)
+    for tag, thr in (('05', 0.5), ('t', t)):
+        out[f'valid_{metric}_{tag}'] = binary_metrics(valid.label, valid.prob, threshold=thr)[metric][0]
+        b = binary_metrics(test.label, test.prob, w, threshold=thr)[metric]
+        out |= {f'test_{metric}_{tag}': binary_metrics(test.label, test.prob, threshold=thr)[metric][0],
+                f'test_{metric}_{tag}_lo': np.nanquantile(b, q[0]), f'test_{metric}_{tag}_hi': np.nanquantile(b, q[1])}
+    return out
 
 # %% ../nbs/03_metrics.ipynb #95040017
 def _aligned(models:dict) -> tuple:

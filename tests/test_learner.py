@@ -10,10 +10,11 @@ import timm
 import torch
 from fastai.interpret import ClassificationInterpretation
 
-from mura_study.data import mura_dataloaders, protocol, read_mura
+from mura_study.data import mura_dataloaders, protocol, read_mura, shared_test
 from mura_study.data import load_grey, to_batch
 from mura_study.learner import (ARCHS, fingerprint, gradcam_layer, inference_model, load_model, mura_learner,
-                                mura_model, predict, save_model, train)
+                                mura_model, nearest_neighbour, predict, save_model, train, train_seeds)
+from mura_study.metrics import compare_models, leak_bootstrap, study_frame
 from mura_study.synth import make_mura
 
 torch.set_num_threads(1)  # the test machine has 2 cores shared with other jobs; one thread each is fastest there
@@ -202,7 +203,7 @@ RUN = textwrap.dedent("""
     from pathlib import Path
     from fastai.callback.core import Callback
     from mura_study.core import seed_everything
-    from mura_study.data import mura_dataloaders, protocol, read_mura
+    from mura_study.data import mura_dataloaders, protocol, read_mura, shared_test
     from mura_study.learner import evaluate, mura_learner, train
     root, folder = sys.argv[1], Path(sys.argv[2])
 
@@ -263,3 +264,30 @@ def test_a_checkpoint_of_another_head_or_timm_options_is_not_resumed(tiny):
     assert fingerprint(learn, 1, 1e-2) != key
     learn.model.config['timm_kwargs'] = {'bn_eps': 1e-3}
     assert fingerprint(learn, 1, 1e-2) == key
+
+
+def test_the_memoriser_shows_a_large_inflation_under_paper_and_none_under_paper_clean(tmp_path):
+    "The leak measure's positive control: a predictor that memorises is flattered by the leaky split only."
+    root = make_mura(tmp_path/'mura', n_patients=200, size=96, seed=0, n_workers=0, progress=False)
+    df = read_mura(root, progress=False)
+    shared = shared_test(df)
+    cuts = {p: protocol(df, p, seed=0) for p in ('paper', 'paper_clean')}
+    own = {p: study_frame(nearest_neighbour(c[c.set == 'train'], c[c.set == 'test'])) for p, c in cuts.items()}
+    on_shared = {p: study_frame(nearest_neighbour(c[c.set == 'train'], shared)) for p, c in cuts.items()}
+    leak = leak_bootstrap(own, on_shared, metrics=('kappa',), n_boot=500).set_index('protocol')
+    assert leak.own['paper'] > 0.9 and leak.inflation_lo['paper'] > 0.3 and leak.vs_ref_lo['paper'] > 0.3
+    assert leak.inflation_lo['paper_clean'] < 0 < leak.inflation_hi['paper_clean']
+
+
+def test_train_seeds_scores_each_seed_on_its_own_the_shared_and_the_valid_rows(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv('MURA_STUDY_RUNS', str(tmp_path))
+    root, cut = tiny
+    shared = shared_test(read_mura(root, progress=False))
+    runs = train_seeds(cut, 'mobilenetv2', range(2), shared, tag='m', name='seeds', n_boot=20, size=32, epochs=1, bs=8,
+                       lr=1e-3)
+    assert [r['tag'] for r in runs] == ['m', 'm-seed1']
+    assert all((tmp_path/'seeds'/'models'/r['tag']/'final'/'model.safetensors').is_file() for r in runs)
+    assert all(r['shared'] is r['own'] for r in runs)  # the official protocol's test rows are the shared set
+    assert set(runs[0]['valid']['images'].path) == set(cut.path[cut.set == 'valid'])
+    rows = compare_models({'m': [r['shared']['studies'] for r in runs]}, n_boot=20)
+    assert rows.n_seeds.unique().tolist() == [2] and rows.n_studies.unique().tolist() == [shared.study.nunique()]
