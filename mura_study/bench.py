@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_bench.ipynb #a5b45db5
 from __future__ import annotations
-import os, random, tempfile
+import os, random, subprocess, sys, tempfile
 from copy import deepcopy
 from pathlib import Path
 
@@ -25,8 +25,8 @@ from .learner import inference_model, mura_learner, mura_model, predict
 from .interpret import batches, best_batch_size, gradcam, gradcam_saliency, lime, model_device, saliency
 
 # %% auto #0
-__all__ = ['BENCH_TABLE', 'bench_synth', 'channel_cost', 'bench_loader', 'bench_predict', 'bench_loop', 'lime_defaults',
-           'bench_explain', 'machine', 'meets', 'bench_all', 'bench_results']
+__all__ = ['BENCH_TABLE', 'bench_synth', 'channel_cost', 'bench_loader', 'bench_predict', 'bench_loop', 'bench_cpu_pin',
+           'lime_defaults', 'bench_explain', 'machine', 'meets', 'bench_all', 'bench_results']
 
 # %% ../nbs/07_bench.ipynb #60abf8d2
 def bench_synth(n_patients:int=900, # patients of the set: 900 is the demo profile's
@@ -175,6 +175,43 @@ def bench_loop(reps:int=2, # timed epochs per loop, alternating
     f, p = min(times['fastai']), min(times['plain'])
     return dict(batches=len(learn.dls.train), fastai_s=f, plain_s=p, overhead=f/p - 1)
 
+# %% ../nbs/07_bench.ipynb #35b6621a
+_STEPS = """
+import hashlib, sys, torch, timm
+from mura_study.core import Timer
+torch.manual_seed(0)
+m = timm.create_model('mobilenetv2_100', num_classes=2, in_chans=1)
+opt, g = torch.optim.Adam(m.parameters(), 1e-3), torch.Generator().manual_seed(0)
+size, steps = int(sys.argv[1]), int(sys.argv[2])
+xs = [torch.randn(32, 1, size, size, generator=g) for _ in range(2)]
+ys = [torch.randint(0, 2, (32,), generator=g) for _ in range(2)]
+def step(i):
+    loss = torch.nn.functional.cross_entropy(m(xs[i % 2]), ys[i % 2]); opt.zero_grad(); loss.backward(); opt.step()
+step(0)
+with Timer() as t:
+    for i in range(steps): step(i + 1)
+print(t.seconds, hashlib.sha256(b''.join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest())
+"""
+
+def bench_cpu_pin(size:int=128, # input side of the training steps
+                  steps:int=10, # timed training steps (batch 32) per process
+                  reps:int=2, # processes per setting, alternating
+                 ) -> dict:
+    "Seconds of `steps` MobileNetV2 training steps with the CPU kernels pinned (`cpu_env`) and unpinned, side by side."
+    pin = cpu_env(profile('demo'))
+    free = {k: v for k, v in os.environ.items() if k not in pin}
+    free |= {k: pin[k] for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')}  # the same threads: only the kernels differ
+    runs = dict(pinned=[], unpinned=[])
+    for _ in range(reps):
+        for kind, env in (('pinned', {**os.environ, **pin}), ('unpinned', free)):
+            out = subprocess.run([sys.executable, '-c', _STEPS, str(size), str(steps)], env=env, capture_output=True,
+                                 text=True, check=True)
+            secs, digest = out.stdout.split()
+            runs[kind].append((float(secs), digest))
+    p, u = min(s for s, _ in runs['pinned']), min(s for s, _ in runs['unpinned'])
+    return dict(pinned_s=p, unpinned_s=u, cost=p/u, pinned_runs_identical=len({d for _, d in runs['pinned']}) == 1,
+                unpinned_differs=runs['pinned'][0][1] != runs['unpinned'][0][1])
+
 # %% ../nbs/07_bench.ipynb #6834551f
 def lime_defaults(model:nn.Module, # the model to explain
                   image:Image.Image, # a PIL 'L' image at the model's size
@@ -275,7 +312,9 @@ def _data_rows(size, device) -> list:
 def _learner_rows(size, device) -> list:
     p, lp = bench_predict(device=device), bench_loop(device=device)  # at 64 px: what they time is fastai, not the model
     return [('learner', 'predict vs fastai learn.predict, 200 images', p['speedup'], '>= 10', 'x faster', 64),
-            ('learner', 'fastai fit vs plain PyTorch loop', 100*lp['overhead'], '<= 10', '% overhead', 64)]
+            ('learner', 'fastai fit vs plain PyTorch loop', 100*lp['overhead'], '<= 10', '% overhead', 64),
+            ('learner', 'training step, CPU kernels pinned to AVX2 vs unpinned', bench_cpu_pin()['cost'], '<= 1.15',
+             'x', 128)]
 
 def _interpret_rows(size, device) -> list:
     r = bench_explain(size=size, reps=1)
