@@ -89,7 +89,7 @@ def get_arch(arch:str|Arch, # a key of `ARCHS`, or an `Arch`
 def pretrained_file(arch:str|Arch, # architecture key or entry
                     weights:str|Path|None=None, # a local `.safetensors` file with the timm model's weights
                    ) -> Path:
-    "`arch`'s pretrained weights: `weights`, else `$MURA_STUDY_WEIGHTS/<arch>.safetensors`, else timm's cache. No download."
+    "`arch`'s ImageNet weights: `weights`, else `$MURA_STUDY_WEIGHTS/<arch>.safetensors`, else timm's cache. Offline."
     a = get_arch(arch)
     if weights is None and (folder := os.environ.get('MURA_STUDY_WEIGHTS')):
         weights = Path(folder).expanduser()/f'{a.key}.safetensors'

@@ -4,7 +4,9 @@
 
 # %% ../nbs/08_study.ipynb #2ea6bb95
 from __future__ import annotations
-import argparse, ast, copy, importlib, json, math, re, shutil, subprocess, sys, tempfile
+import argparse, ast, contextlib, copy, importlib, inspect, json, math, os, platform, re, shutil, subprocess, sys
+import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -15,9 +17,12 @@ from .core import *
 
 # %% auto #0
 __all__ = ['bench', 'data', 'interpret', 'learner', 'synth', 'tuning', 'LIBRARY_CHAPTERS', 'PNG_BYTES_PER_PIXEL',
-           'CHECKPOINTS_PER_MODEL', 'REPORT_SECTIONS', 'CDN_WIDGET_SCRIPTS', 'USER_ERRORS', 'chapters', 'finished',
-           'to_run', 'chapter_imports', 'disk_estimate', 'NotReady', 'preflight', 'run_chapter', 'reproduce',
-           'chapter_times', 'write_report', 'missing_outputs', 'render_html', 'docs_notebook', 'snapshot_run',
+           'CHECKPOINTS_PER_MODEL', 'REPORT_SECTIONS', 'REFERENCE_ARCH', 'FINDINGS', 'FINDING_COLUMNS', 'VERSIONED',
+           'CLAIM', 'CDN_WIDGET_SCRIPTS', 'USER_ERRORS', 'chapters', 'finished', 'to_run', 'chapter_imports',
+           'disk_estimate', 'NotReady', 'preflight', 'run_chapter', 'pinned_cpu', 'reproduce', 'chapter_times',
+           'interval', 'verdict', 'seed_spread', 'arch_finding', 'seed_finding', 'operating_point_finding',
+           'leak_finding', 'control_finding', 'tuning_finding', 'findings', 'chapter_parameters', 'software_versions',
+           'claim_checklist', 'write_report', 'missing_outputs', 'render_html', 'docs_notebook', 'snapshot_run',
            'docs_source', 'plain_notebook', 'build_docs', 'positive_int', 'positive_float', 'main']
 
 # %% ../nbs/08_study.ipynb #8379b13f
@@ -173,6 +178,20 @@ def run_chapter(nb:Path, out:Path, params:dict) -> float:
                                f"{e.ename}: {e.evalue}\nExecuted notebook: {out}") from None
     return t.seconds
 
+# %% ../nbs/08_study.ipynb #083c003f
+@contextlib.contextmanager
+def pinned_cpu(prof:Profile, # the run profile (its `cpu_isa` and `threads`)
+              ):
+    "Set `core.cpu_env(prof)` in `os.environ` inside the block, for the processes it starts; then restore it."
+    env = cpu_env(prof)
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try: yield env
+    finally:
+        for k, v in before.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
 # %% ../nbs/08_study.ipynb #ab54ed22
 def _drop_stale(rd:Path, # the run folder
                 nbs:list[Path], # the chapters of this checkout
@@ -203,9 +222,10 @@ def reproduce(profile:str='demo', # run profile: ci, demo or paper
     todo = to_run(nbs, rd/'notebooks', force)
     for nb in nbs:
         if nb not in todo: print(f"{nb.stem}: finished earlier, kept"); continue
-        print(f"{nb.stem}: running"); secs = run_chapter(nb, rd/'notebooks'/nb.name, params)
+        print(f"{nb.stem}: running")
+        with pinned_cpu(prof): secs = run_chapter(nb, rd/'notebooks'/nb.name, params)
         print(f"{nb.stem}: done in {secs:.0f} s")
-    write_report(rd, prof)
+    write_report(rd, prof, data)
     if html: render_html(rd)
     return rd
 
@@ -214,12 +234,22 @@ REPORT_SECTIONS = [
     ('Data', 'data_summary', "Images per split, body part and label."),
     ('Architectures', 'arch_comparison',
      "Study-level metrics on the test set, 95% bootstrap intervals resampled by study."),
+    ('Architectures: paired differences', 'arch_differences',
+     "Each architecture's study metrics on the shared test set (MURA's valid split): the mean over its seeds with "
+     "the between-seed SD, and its difference from the best, paired on the same resamples of studies."),
+    ('Operating point', 'operating_point',
+     "The threshold that maximises validation F1, and test F1 at it and at 0.5, with 95% intervals."),
     ('Per body part', 'kappa_by_body_part', "Study-level Cohen's kappa per body part (MURA's official metric)."),
     ('Protocols', 'protocol_comparison',
-     "MobileNetV2 under the paper's leaky split, the same subset split by patient, and MURA's official split."),
+     "MobileNetV2 under the paper's leaky split, the same subset split by patient, and MURA's official split, each "
+     "scored on its own test set and on the shared one: the difference is the inflation."),
+    ('Leak detector (positive control)', 'leak_control',
+     "A nearest-neighbour memoriser under the same protocols: it can only copy its training labels, so a leaky "
+     "test set must inflate its score; whether it does shows whether the measure above can see a leak."),
     ('Efficiency', 'efficiency', "Parameters, GFLOPs, model file size and CPU latency, next to F1."),
     ('Baseline vs tuned', 'tuning_comparison',
      "The paper's tuning step: untuned vs tuned F1, with a paired bootstrap over studies."),
+    ('Search cost', 'tuning_cost', "What the search cost: its trials, the epochs they trained and their time."),
     ('Faithfulness', 'faithfulness',
      "Do the explanations point at the finding, depend on the learned weights, and predict the model?"),
 ]
@@ -233,27 +263,351 @@ def chapter_times(rd:Path) -> pd.DataFrame:
         rows.append(dict(chapter=nb.stem, seconds=round(meta.get('duration') or float('nan'), 1)))
     return pd.DataFrame(rows, columns=['chapter', 'seconds'])
 
-# %% ../nbs/08_study.ipynb #cb05573c
+# %% ../nbs/08_study.ipynb #d286e182
+def interval(value:float, # the estimate
+             lo:float, # lower end of its interval
+             hi:float, # upper end
+             signed:bool=False, # write the sign of the estimate (a difference)
+            ) -> str:
+    "`value [lo, hi]` with three decimals, as the Findings write every number."
+    return f"{value:{'+' if signed else ''}.3f} [{lo:.3f}, {hi:.3f}]"
+
+# %% ../nbs/08_study.ipynb #29d067a1
+def verdict(lo:float, # lower end of the 95% interval of a difference
+            hi:float, # upper end
+            diff:float|None=None, # the difference itself, compared with `spread`
+            spread:float=float('nan'), # between-seed SD of the reference model's study F1 (nan: not measured)
+            up:str='a clear gain', # what an interval above 0 is called: 'clear inflation' for a leak
+           ) -> str:
+    "What the interval of a difference shows: above 0 `up`, below 0 a clear loss, around 0 no clear difference."
+    if math.isnan(lo) or math.isnan(hi): return 'not measured (the metric is undefined on this test set)'
+    v = up if lo > 0 else 'a clear loss' if hi < 0 else 'no clear difference'
+    return f"{v}, within the spread between trainings" if diff is not None and abs(diff) < spread else v
+
+# %% ../nbs/08_study.ipynb #33bfde71
+REFERENCE_ARCH = 'mobilenetv2'  # the official reference model: the architecture the protocols and the search train
+
+def seed_spread(diffs:pd.DataFrame|None, # `tables/arch_differences.csv` (None: not in this run)
+               ) -> float:
+    "Between-seed SD of the reference architecture's study F1; nan without the table, the model or a second seed."
+    if diffs is None: return float('nan')
+    row = diffs[(diffs.model == REFERENCE_ARCH) & (diffs.metric == 'f1')]
+    return float(row.seed_sd.iloc[0]) if len(row) else float('nan')
+
+# %% ../nbs/08_study.ipynb #abbdc0d9
+def _count(n:int, noun:str) -> str: return f"{n} {noun}{'' if n == 1 else 's'}"
+
+def _trainings(n:int) -> str: return _count(n, 'training')
+
+def arch_finding(diffs:pd.DataFrame, # `tables/arch_differences.csv`: `compare_models` rows
+                 spread:float=float('nan'), # `seed_spread` of the run
+                ) -> str:
+    "The best architecture's study F1 with its seeds, and each other's paired difference from it with its verdict."
+    f1 = diffs[diffs.metric == 'f1'].set_index('model')
+    best = f1.ref.iloc[0]; b = f1.loc[best]
+    sd = f"seed SD {b.seed_sd:.3f}" if int(b.n_seeds) > 1 else "no seed SD"
+    score = f"{interval(b.value, b.lo, b.hi)} from {_trainings(int(b.n_seeds))} ({sd})"
+    if len(f1) == 1: return (f"only {best} was trained (the profile's architectures), so none is compared; its study "
+                             f"F1 on the shared test set (MURA's valid split) is {score}.")
+    others = [f"{k} {interval(r['diff'], r.diff_lo, r.diff_hi, signed=True)} "
+              f"({verdict(r.diff_lo, r.diff_hi, r['diff'], spread)})" for k, r in f1.drop(best).iterrows()]
+    return (f"{best} has the best study F1 on the shared test set (MURA's valid split), {score}; the others differ "
+            f"from it by {'; '.join(others)}.")
+
+# %% ../nbs/08_study.ipynb #799d5add
+def seed_finding(diffs:pd.DataFrame, # `tables/arch_differences.csv`
+                 spread:float=float('nan'), # `seed_spread(diffs)`
+                ) -> str:
+    "The reference model's between-seed SD of study F1: the yardstick every other difference is held against."
+    row = diffs[(diffs.model == REFERENCE_ARCH) & (diffs.metric == 'f1')]
+    if not len(row): return f"the reference model {REFERENCE_ARCH} was not trained, so the spread is not measured."
+    if math.isnan(spread): return (f"the reference model ({REFERENCE_ARCH}) was trained once, so the spread between "
+                                   "trainings is not measured and no difference is held against it.")
+    return (f"the reference model, {REFERENCE_ARCH}, has a between-seed SD of study F1 of {spread:.3f} over "
+            f"{_trainings(int(row.n_seeds.iloc[0]))}; any difference smaller than that is within the spread between "
+            "trainings.")
+
+# %% ../nbs/08_study.ipynb #1471ef9c
+def operating_point_finding(op:pd.DataFrame, # `tables/operating_point.csv`: one row per architecture
+                           ) -> str:
+    "Each architecture's threshold chosen on validation F1, and its test F1 there and at the default threshold."
+    parts = [f"{r.model} at {r.threshold:.3f} has test F1 {interval(r.test_f1_t, r.test_f1_t_lo, r.test_f1_t_hi)}, "
+             f"against {interval(r.test_f1_05, r.test_f1_05_lo, r.test_f1_05_hi)} at the default 50% threshold"
+             for r in op.itertuples()]
+    return "with the threshold that maximises validation F1, " + "; ".join(parts) + "."
+
+# %% ../nbs/08_study.ipynb #81f285bb
+def _inflation(r, spread:float=float('nan')) -> str:
+    return (f"{interval(r.inflation, r.inflation_lo, r.inflation_hi, signed=True)} "
+            f"({verdict(r.inflation_lo, r.inflation_hi, r.inflation, spread, up='clear inflation')})")
+
+def leak_finding(leak:pd.DataFrame, # `tables/leak.csv`: `leak_bootstrap` rows
+                 spread:float=float('nan'), # `seed_spread` of the run
+                ) -> str:
+    "Study-F1 inflation (own test set minus shared) under paper and paper_clean, and the leak: their difference."
+    f1 = leak[leak.metric == 'f1'].set_index('protocol'); p = f1.loc['paper']
+    return (f"study F1 on a protocol's own test set minus on the shared test set is {_inflation(p, spread)} under "
+            f"paper and {_inflation(f1.loc['paper_clean'], spread)} under paper_clean; the leak, paper's inflation "
+            f"minus paper_clean's, is {interval(p.vs_ref, p.vs_ref_lo, p.vs_ref_hi, signed=True)}: "
+            f"{verdict(p.vs_ref_lo, p.vs_ref_hi, p.vs_ref, spread, up='clear inflation')}.")
+
+# %% ../nbs/08_study.ipynb #ce4c5ef3
+def control_finding(ctrl:pd.DataFrame, # `tables/leak_control.csv`: `leak_bootstrap` rows of the memoriser
+                   ) -> str:
+    "The memoriser's study-F1 inflation under paper and paper_clean, and whether the measure saw its leak."
+    f1 = ctrl[ctrl.metric == 'f1'].set_index('protocol'); p = f1.loc['paper']
+    seen = ("so the measure can see a leak." if p.vs_ref_lo > 0 else
+            "so on this test set the measure cannot tell the control's leak from chance, and that it finds no "
+            "leak above rules none out.")
+    return (f"a nearest-neighbour memoriser's study-F1 inflation is {_inflation(p)} under paper and "
+            f"{_inflation(f1.loc['paper_clean'])} under paper_clean, a leak of "
+            f"{interval(p.vs_ref, p.vs_ref_lo, p.vs_ref_hi, signed=True)}, {seen}")
+
+# %% ../nbs/08_study.ipynb #919a3cf1
+def tuning_finding(gain:pd.DataFrame, # `tables/tuning_gain.csv`: `paired_bootstrap` rows and the search's winner
+                   spread:float=float('nan'), # `seed_spread` of the run
+                  ) -> str:
+    "The tuned model's change in test study F1 with its verdict, and the validation scores the search chose by."
+    r = gain.set_index('metric').loc['f1']
+    if r.winner_is_baseline:
+        return (f"the search kept the untuned baseline (trial {int(r.winner_trial)}, validation F1 "
+                f"{r.valid_baseline:.3f}), so the tuned model is the untuned one: test F1 "
+                f"{interval(r.baseline, r.baseline_lo, r.baseline_hi)}.")
+    return (f"the search's winner changed test study F1 by {interval(r.gain, r.gain_lo, r.gain_hi, signed=True)}: "
+            f"{verdict(r.gain_lo, r.gain_hi, r.gain, spread)} (validation F1 {r.valid_baseline:.3f} untuned, "
+            f"{r.valid_tuned:.3f} tuned, trial {int(r.winner_trial)}).")
+
+# %% ../nbs/08_study.ipynb #ff3ef78c
+FINDINGS = [  # (label, table, the function that writes its sentence)
+    ('Architectures', 'arch_differences', arch_finding), ('Seeds', 'arch_differences', seed_finding),
+    ('Operating point', 'operating_point', operating_point_finding), ('Leak', 'leak', leak_finding),
+    ('Leak detector', 'leak_control', control_finding), ('Tuning', 'tuning_gain', tuning_finding)]
+_LEAK_COLUMNS = 'protocol metric inflation inflation_lo inflation_hi vs_ref vs_ref_lo vs_ref_hi'
+FINDING_COLUMNS = {  # what the sentences read of each table
+    'leak': _LEAK_COLUMNS, 'leak_control': _LEAK_COLUMNS,
+    'arch_differences': 'model metric value lo hi seed_sd n_seeds ref diff diff_lo diff_hi',
+    'operating_point': 'model threshold test_f1_05 test_f1_05_lo test_f1_05_hi test_f1_t test_f1_t_lo test_f1_t_hi',
+    'tuning_gain': 'metric baseline baseline_lo baseline_hi gain gain_lo gain_hi valid_baseline valid_tuned '
+                   'winner_trial winner_is_baseline'}
+
+def findings(tables:Path, # the run's `tables/` folder
+            ) -> list[str]:
+    "One sentence per experiment of `FINDINGS`, from its table; a missing table says so."
+    tables = Path(tables)
+    read = lambda stem: pd.read_csv(tables/f'{stem}.csv') if (tables/f'{stem}.csv').is_file() else None
+    spread, out = seed_spread(read('arch_differences')), []
+    for label, stem, finder in FINDINGS:
+        if (df := read(stem)) is None:
+            out.append(f"**{label}**: *not measured in this run: tables/{stem}.csv is missing*"); continue
+        if lacks := [c for c in FINDING_COLUMNS[stem].split() if c not in df]:
+            raise ValueError(f"tables/{stem}.csv lacks the column(s) {lacks}: it was written by an older chapter. "
+                             "Fix: mura-study reproduce --force.")
+        kw = dict(spread=spread) if 'spread' in inspect.signature(finder).parameters else {}
+        out.append(f"**{label}**: {finder(df, **kw)}")
+    return out
+
+# %% ../nbs/08_study.ipynb #40c481fa
+def chapter_parameters(nb:Path, # an executed chapter notebook
+                      ) -> dict:
+    "The parameters `nb` ran with: the literals of its `parameters` cell, overridden by papermill's injected ones."
+    try: cells = json.loads(Path(nb).read_text())['cells']
+    except (FileNotFoundError, json.JSONDecodeError, KeyError): return {}
+    out = {}
+    for c in cells:
+        if not {'parameters', 'injected-parameters'} & set(c.get('metadata', {}).get('tags', [])): continue
+        for n in ast.parse(''.join(c['source'])).body:
+            if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
+                out[n.targets[0].id] = ast.literal_eval(n.value)
+    return out
+
+# %% ../nbs/08_study.ipynb #d176bb82
+VERSIONED = ('torch', 'torchvision', 'timm', 'fastai', 'optuna', 'captum')  # what the chapters train and explain with
+
+def software_versions() -> dict:
+    "Python's version and the installed version of each package of `VERSIONED`."
+    return {'python': platform.python_version(), **{p: metadata.version(p) for p in VERSIONED}}
+
+# %% ../nbs/08_study.ipynb #c7796e38
+CLAIM = {  # the 42 items of CLAIM (Mongan et al. 2020), in short
+    1: "AI method named in title or abstract", 2: "Structured summary",
+    3: "Background, intended use and clinical role", 4: "Objectives and hypotheses",
+    5: "Prospective or retrospective", 6: "Study goal", 7: "Data sources", 8: "Eligibility criteria",
+    9: "Data pre-processing", 10: "Selection of data subsets", 11: "Definitions of data elements",
+    12: "De-identification (and ethics approval)", 13: "Missing data", 14: "Reference standard",
+    15: "Rationale for the reference standard", 16: "Source of the annotations; the annotators",
+    17: "Annotation tools", 18: "Inter- and intra-rater variability", 19: "Intended sample size",
+    20: "Assignment to partitions", 21: "Level at which partitions are disjoint", 22: "Model",
+    23: "Software", 24: "Initialisation", 25: "Training: augmentation, hyperparameters, models trained",
+    26: "Selection of the final model", 27: "Ensembling", 28: "Metrics", 29: "Uncertainty and significance",
+    30: "Robustness and sensitivity", 31: "Explanations and their validation", 32: "External data",
+    33: "Flow of cases", 34: "Characteristics of the cases per partition", 35: "Performance on every partition",
+    36: "Diagnostic accuracy and its precision", 37: "Failure analysis", 38: "Limitations",
+    39: "Implications for practice", 40: "Registration", 41: "Study protocol", 42: "Funding",
+}
+
+# %% ../nbs/08_study.ipynb #38877888
+def _table(rd:Path, stem:str) -> pd.DataFrame|None:
+    f = Path(rd)/'tables'/f'{stem}.csv'
+    return pd.read_csv(f) if f.is_file() else None
+
+def _counts(df:pd.DataFrame|None, by:str, stem:str) -> str:
+    "Patients, studies and images (normal/abnormal) of each `by` group, from a `data.summary` table."
+    if df is None: return f"not in this run: tables/{stem}.csv is missing"
+    said = [f"{r[by]} {r.patients} patients, {r.studies} studies, {r.images} images ({r.normal} normal, {r.abnormal} "
+            "abnormal)" for _, r in df[df.body_part == 'ALL'].iterrows()]
+    return '; '.join(said) + f" (tables/{stem}.csv)"
+
+def _disjoint(leak:pd.DataFrame|None) -> str:
+    "For each protocol: no patient in two of its sets, or how many patients each pair of sets shares."
+    if leak is None: return "not in this run: tables/leakage.csv is missing"
+    said = [f"{p} disjoint by patient" if not (g.patients > 0).any() else f"{p} not disjoint: " + ', '.join(
+            f"{r.patients} patients in both {r.sets}" for r in g[g.patients > 0].itertuples())
+            for p, g in leak.groupby('protocol', sort=False)]
+    return '; '.join(said) + " (tables/leakage.csv, counted by `data.leakage_report`)"
+
+# %% ../nbs/08_study.ipynb #994f65f0
+def _claim_data(rd:Path, prof:Profile, data:str|None) -> dict:
+    "CLAIM items 7, 10, 13, 20 and 21, from the data chapter's tables."
+    source = (f"MURA-v1.1, read from {data}" if data else
+              f"synthetic radiographs in the MURA-v1.1 layout, {prof.n_patients} patients made by the synth chapter")
+    probs, summ = _table(rd, 'data_problems'), _table(rd, 'data_summary')
+    n_train = None if summ is None else int(summ.query("split == 'train' and body_part == 'ALL'").images.sum())
+    drawn = (f"draw {prof.paper_images} images of MURA's train split, in proportion to body part and label "
+             "(`data.paper_subset`)" if n_train is None or n_train > prof.paper_images else
+             f"take all {n_train} images of MURA's train split (the profile asks for {prof.paper_images})")
+    return {7: f"{source}; {_counts(summ, 'split', 'data_summary')}",
+            10: f"the paper's two protocols {drawn}; the official protocol uses every image",
+            13: ("not in this run: tables/data_problems.csv is missing" if probs is None else
+                 f"{len(probs)} unreadable or inconsistent image(s) left out, each listed with its problem "
+                 "(tables/data_problems.csv)"),
+            20: "official: MURA's train split divided by patient into train and valid, MURA's valid split as test: "
+                f"{_counts(_table(rd, 'official_sets'), 'set', 'official_sets')}; paper: the subset, each image with "
+                "augmented copies, shuffled into train, valid and test without regard to patient; paper_clean: the "
+                "same subset divided by patient; every model also scored on the shared test set (MURA's valid split)",
+            21: _disjoint(_table(rd, 'leakage'))}
+
+# %% ../nbs/08_study.ipynb #283ea6d9
+def _claim_model(prof:Profile) -> dict:
+    "CLAIM items 9, 22, 24 and 27, from the profile and the data and learner chapters."
+    arch, sizes = learner.ARCHS, {learner.ARCHS[a].size if prof.size == 224 else prof.size for a in prof.archs}
+    return {9: f"each image as 8-bit grey (EXIF orientation applied), its longest side resized to "
+               f"{', '.join(map(str, sorted(sizes)))} px and padded with black to a square (`data.load_grey`), "
+               f"normalised with mean {data.GREY_MEAN} and SD {data.GREY_STD}",
+            22: '; '.join(f"{arch[a].paper_name} (timm `{arch[a].timm_id}`), one grey input channel, a two-class head "
+                          f"with dropout {DEFAULT_DROPOUT}" for a in prof.archs),
+            24: "ImageNet weights (timm)" if prof.pretrained else "random, seeded (trained from scratch)",
+            27: "none: each training is scored alone; seeds are averaged as metrics, never as predictions"}
+
+# %% ../nbs/08_study.ipynb #4ee20976
+def _ran(rd:Path, chapter:str) -> dict:
+    "`chapter_parameters` of the run's executed copy of a chapter ('learner': `notebooks/04_learner.ipynb`)."
+    return chapter_parameters(next((Path(rd)/'notebooks').glob(f'*_{chapter}.ipynb'), Path(rd)/'absent'))
+
+def _claim_training(rd:Path, prof:Profile) -> dict:
+    "CLAIM items 25 and 26, from the profile, the parameters the chapters ran with and the search's trials."
+    aug, ran, metric = data.Augment(), _ran(rd, 'learner'), _ran(rd, 'tuning').get('metric', 'f1')
+    epochs, lr, trials = ran.get('epochs') or prof.epochs, ran.get('lr', DEFAULT_LR), _table(rd, 'tuning_trials')
+    rungs = [str(r) for r in PRUNER_RUNGS if r < epochs]
+    space = ', '.join(f"{k} {lo:g} to {hi:g}{' (log)' if log else ''}" for k, (lo, hi, log) in tuning.SPACE.items())
+    pruned = (f"the weaker trials pruned at epochs {', '.join(rungs)} (`core.PRUNER_RUNGS`)" if rungs else
+              "no trial pruned (the schedule ends at the first rung)") + ("" if trials is None else
+              f"; {(trials.state == 'PRUNED').sum()} of {len(trials)} trials pruned (tables/tuning_trials.csv)")
+    return {25: f"a one-cycle schedule of {_count(epochs, 'epoch')}, Adam, peak learning rate "
+                f"{f'{lr:g}' if lr else 'from lr_find'}, batch {prof.bs}, L2 {DEFAULT_L2:g}; the training images "
+                f"augmented on the fly (`data.Augment`): blur sigma up to {aug.blur:g} px at 224 px, rotation up "
+                f"to {aug.rotate:g} degrees, shear up to {aug.shear:g} degrees, salt and pepper on up to "
+                f"{aug.noise:.0%} of the pixels; models trained: {len(prof.archs)*prof.seeds} under the official "
+                f"protocol ({_count(prof.seeds, 'seed')} per architecture), {2*prof.protocol_seeds} under the paper's "
+                "two, and the search's trials",
+            26: "each training keeps its epoch of best validation study kappa; the search: "
+                f"{_count(prof.n_trials, 'trial')}, the untuned setting among them, maximising validation study "
+                f"{metric.replace('f1', 'F1')} over {space}; {pruned}"}
+
+# %% ../nbs/08_study.ipynb #139ac9a7
+def _claim_evaluation(rd:Path, prof:Profile) -> dict:
+    "CLAIM items 28 to 32, 35 and 36, from the evaluation tables and the chapters' parameters."
+    boots = {nb.stem: p['n_boot'] for nb in sorted((Path(rd)/'notebooks').glob('*.ipynb'))
+             if 'n_boot' in (p := chapter_parameters(nb))}
+    faith, kappa = _table(rd, 'faithfulness'), _table(rd, 'kappa_by_body_part')
+    return {28: "study-level F1, Cohen's kappa and AUROC (a study's probability is the mean of its images'), with "
+                "precision, recall and accuracy (`metrics.binary_metrics`)",
+            29: "95% percentile bootstrap intervals, resampling studies; differences paired on the same resamples, "
+                "with the share of resamples at or below 0; resamples per chapter: "
+                + (', '.join(f"{k} {v}" for k, v in boots.items()) or "not recorded (no executed chapter)"),
+            30: f"{_count(prof.seeds, 'training seed')} per architecture (their SD in tables/arch_differences.csv); "
+                "three split protocols scored on one shared test set (tables/leak.csv) with a memoriser as positive "
+                "control (tables/leak_control.csv); the threshold chosen on validation (tables/operating_point.csv)",
+            31: ("not in this run: tables/faithfulness.csv is missing" if faith is None else
+                 f"{', '.join(faith.method.unique())}, scored by "
+                 f"{', '.join(faith.columns.drop(['arch', 'method', 'sanity'], errors='ignore'))}; the sanity check "
+                 "(do the maps change when the weights are randomised?): "
+                 + ', '.join(f"{r.arch} {r.method} {r.sanity}" for r in faith.itertuples())
+                 + " (tables/faithfulness.csv)"),
+            32: "none in this run: every test set comes from the same source as its training set",
+            35: ("not in this run: tables/kappa_by_body_part.csv is missing" if kappa is None else
+                 f"the test set's study kappa of each architecture per body part "
+                 f"({', '.join(kappa.columns.drop('arch'))}) in tables/kappa_by_body_part.csv, every metric per body "
+                 "part at image and study level in tables/arch_metrics.csv; the validation scores of every epoch in "
+                 "the executed learner chapter"),
+            36: "every score with its 95% interval: the Findings above and the tables"}
+
+# %% ../nbs/08_study.ipynb #b236c7c5
+def _claim_software(rd:Path, prof:Profile, data:str|None) -> dict:
+    "CLAIM items 23 and 41: the software of the run, its CPU pin, and the command that reproduces it."
+    pin = cpu_env(prof)
+    command = f"mura-study reproduce --profile {prof.name} --name {Path(rd).name}" + (f" --data {data}" if data else "")
+    return {23: ', '.join(f"{k} {v}" for k, v in software_versions().items()) + "; the chapters' CPU kernels pinned to "
+                + (' '.join(f"{k}={v}" for k, v in pin.items()) if pin else "nothing (the profile pins none)"),
+            41: f"the executed chapters in notebooks/ of this run; `{command}` runs it again"}
+
+# %% ../nbs/08_study.ipynb #65ef0b12
+def claim_checklist(rd:Path, # the run folder
+                    prof:Profile, # the run's profile
+                    data:str|None=None, # the MURA folder the run read (None: its synthetic set)
+                   ) -> list[str]:
+    "The CLAIM items as Markdown list items: what this run did where it can say, else left to the authors."
+    said = (_claim_data(rd, prof, data) | _claim_model(prof) | _claim_training(rd, prof)
+            | _claim_evaluation(rd, prof) | _claim_software(rd, prof, data))
+    return [f"- **{n}. {item}**: " + (f"{said[n]}." if n in said else "*to be written by the authors*")
+            for n, item in CLAIM.items()]
+
+# %% ../nbs/08_study.ipynb #05516720
+def _planned(prof:Profile) -> str:
+    "The profile's `planned_epochs` as a Markdown table, one row per chapter."
+    e = planned_epochs(prof)
+    rows = [('learner', 'every training, exactly', e['learner']),
+            ('tuning', 'the search, expected under pruning', e['tuning_expected']),
+            ('tuning', 'the search, at most (no trial pruned)', e['tuning_most'])]
+    return pd.DataFrame(rows, columns=['chapter', 'what', 'epochs']).to_markdown(index=False)
+
+# %% ../nbs/08_study.ipynb #849c74aa
 def _md_table(csv:Path) -> str: return pd.read_csv(csv).to_markdown(index=False, floatfmt='.3f')
 
-def write_report(rd:Path, # the run folder
-                 prof:Profile|None=None, # the run's profile, named in the title
-                ) -> Path:
-    "Generate `rd/report.md` from the run's tables and figures."
-    rd = Path(rd); tables = rd/'tables'
-    lines = [f"# MURA study: run `{rd.name}`", ""]
-    if prof: lines += [f"Profile `{prof.name}`: {prof.size} px, {prof.epochs} epochs, "
-                       f"architectures {', '.join(prof.archs)}.", ""]
+def _sections(rd:Path) -> list[str]:
+    "Each section of `REPORT_SECTIONS` with its table, or the note that it is missing; then the figures."
+    lines = []
     for title, stem, blurb in REPORT_SECTIONS:
-        csv = tables/f'{stem}.csv'
+        csv = Path(rd)/'tables'/f'{stem}.csv'
         lines += [f"## {title}", "", blurb, ""]
         if csv.exists(): lines += [f"Table `tables/{stem}.csv`:", "", _md_table(csv), ""]
         else: lines += [f"*Not produced: `tables/{stem}.csv` is missing.*", ""]
-    lines += ["## Figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in sorted((rd/'figures').glob('*.png'))]
-    times = chapter_times(rd)
-    if len(times):
+    figures = sorted((Path(rd)/'figures').glob('*.png'))
+    return lines + ["## Figures", ""] + [f"- [{f.stem}](figures/{f.name})" for f in figures]
+
+def write_report(rd:Path, # the run folder
+                 prof:Profile, # the run's profile
+                 data:str|None=None, # the MURA folder the run read, for the checklist's command (None: synthetic)
+                ) -> Path:
+    "Generate `rd/report.md`: findings, planned epochs, the tables and figures, wall times, the CLAIM checklist."
+    rd = Path(rd)
+    lines = [f"# MURA study: run `{rd.name}`", "", f"Profile `{prof.name}`: {prof.size} px, {prof.epochs} epochs, "
+             f"architectures {', '.join(prof.archs)}.", "", "## Findings", "",
+             *[f"- {s}" for s in findings(rd/'tables')], "", "## Planned epochs", "", _planned(prof), "",
+             *_sections(rd)]
+    if len(times := chapter_times(rd)):
         save_table(times, rd, 'chapter_times')
         lines += ["", "## Chapter wall times", "", times.to_markdown(index=False, floatfmt='.1f')]
+    lines += ["", "## Reporting checklist (CLAIM)", "", *claim_checklist(rd, prof, data)]
     with atomic_write(rd/'report.md') as t: t.write_text('\n'.join(lines) + '\n')
     return rd/'report.md'
 

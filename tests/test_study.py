@@ -1,6 +1,6 @@
 """End to end: `mura-study reproduce --profile ci` executes every chapter and writes what the study promises; and the
 commands around it: their options, and the benchmark table `bench` writes."""
-import os, subprocess, sys, time
+import os, re, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +36,35 @@ def test_report_cites_the_numbers_of_the_tables(ci_run):
         for v in df.select_dtypes("number").to_numpy().ravel():
             if pd.notna(v) and not float(v).is_integer():
                 assert f"{v:.3f}" in report, (stem, v)
+
+
+def _table_numbers(tables: Path) -> set:
+    "Every numeric cell of every table of a run, written as the Findings write numbers: 3 decimals, signed or not."
+    return {f"{v:{sign}.3f}" for csv in tables.glob("*.csv") for v in pd.read_csv(csv).select_dtypes("number").stack()
+            for sign in ("", "+")}
+
+
+def test_findings_quote_only_numbers_of_the_run_tables(ci_run):
+    rd, _ = ci_run
+    report = (rd / "report.md").read_text()
+    found = report.split("## Findings\n", 1)[1].split("\n## ", 1)[0]
+    assert "not measured in this run" not in found, found
+    labels = [label for label, _, _ in study.FINDINGS]
+    assert [line.split("**")[1] for line in found.strip().splitlines()] == labels, found
+    quoted = re.findall(r"(?<![\w.])[-+]?\d+\.\d+", found)
+    assert len(quoted) >= 3 * len(labels), found
+    assert all(len(q.split(".")[1]) == 3 for q in quoted), [q for q in quoted if len(q.split(".")[1]) != 3]
+    cells = _table_numbers(rd / "tables")
+    assert [q for q in quoted if q not in cells] == [], found
+
+
+def test_report_opens_with_findings_and_planned_epochs_and_ends_with_the_checklist(ci_run):
+    rd, _ = ci_run
+    heads = [line for line in (rd / "report.md").read_text().splitlines() if line.startswith("## ")]
+    assert heads[:2] == ["## Findings", "## Planned epochs"] and heads[-1] == "## Reporting checklist (CLAIM)"
+    claim = (rd / "report.md").read_text().split("## Reporting checklist (CLAIM)\n", 1)[1]
+    assert claim.count("\n- **") == len(study.CLAIM) and "not in this run" not in claim
+    assert "mura-study reproduce --profile ci --name ci`" in claim and "ATEN_CPU_CAPABILITY=avx2" in claim
 
 
 def test_rerun_keeps_finished_chapters(ci_run, tmp_path):
@@ -95,11 +124,12 @@ def test_tune_help_lists_the_stand_in_fit_and_the_heartbeat():
 
 
 def test_bench_writes_its_table_where_out_says(tmp_path):
-    "The learner's two benchmarks (seconds on one thread), written with their targets and the machine that ran them."
+    "The learner's benchmarks (on one thread), written with their targets and the machine that ran them."
     out = tmp_path / "b.csv"
     with core.torch_threads(1): assert study.main(["bench", "--only", "learner", "--out", str(out)]) == 0
     df = pd.read_csv(out)
     assert list(df.columns) == ["chapter", "benchmark", "measured", "target", "unit", "size", "meets_target", "machine"]
     assert df.meets_target.dtype == bool
-    assert df.chapter.tolist() == ["learner", "learner"] and df.measured.notna().all() and (df.target != "").all()
+    assert set(df.chapter) == {"learner"} and len(df) >= 2 and df.benchmark.is_unique
+    assert df.measured.notna().all() and (df.target != "").all()
     assert "1 torch threads" in df.machine[0]
