@@ -152,8 +152,11 @@ def _tables(rd: Path) -> dict:
     for f in sorted((rd / "tables").glob("*.csv")):
         if f.stem == "chapter_times": continue  # timings, not results
         df = pd.read_csv(f)
-        if f.stem == "tuning_trials":  # a killed trial stays behind as FAIL and the trials after it are renumbered
-            df = df[df.state.isin(["COMPLETE", "PRUNED"])].drop(columns="number").reset_index(drop=True)
+        if f.stem in ("tuning_trials", "tuning_cost"):
+            # a killed trial stays behind as FAIL, and the trials after it are renumbered (their model folders too)
+            df = df[df.state.isin(["COMPLETE", "PRUNED"])].reset_index(drop=True)
+            df = df.drop(columns=[c for c in df.columns if c == "number" or "model" in c])
+        if f.stem == "tuning_gain": df = df.drop(columns="winner_trial")  # a trial number, renumbered likewise
         out[f.stem] = df[[c for c in df.columns if not _timing(c)]]
     return out
 
