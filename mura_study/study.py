@@ -802,6 +802,10 @@ def _bench(a) -> int:
     res = bench.bench_all(a.size, tuple(a.only), device=a.device)
     out = Path(a.out) if a.out else bench.BENCH_TABLE
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file():  # the rows of the chapters not benchmarked now are kept, in the chapters' order
+        old = pd.read_csv(out)
+        res = pd.concat([old[~old.chapter.isin(set(res.chapter))], res], ignore_index=True)
+        res = res.sort_values('chapter', key=lambda c: c.map(BENCHMARKS.index), kind='stable').reset_index(drop=True)
     with atomic_write(out) as t: res.to_csv(t, index=False)
     print(res.drop(columns='machine').to_string(index=False)); print(f"{res.machine[0]}\nTable: {out}"); return 0
 
