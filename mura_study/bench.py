@@ -313,8 +313,8 @@ def _learner_rows(size, device) -> list:
     p, lp = bench_predict(device=device), bench_loop(device=device)  # at 64 px: what they time is fastai, not the model
     return [('learner', 'predict vs fastai learn.predict, 200 images', p['speedup'], '>= 10', 'x faster', 64),
             ('learner', 'fastai fit vs plain PyTorch loop', 100*lp['overhead'], '<= 10', '% overhead', 64),
-            ('learner', 'training step, CPU kernels pinned to AVX2 vs unpinned', bench_cpu_pin(96, 8)['cost'], '<= 1.15',
-             'x', 96)]
+            ('learner', 'training step, CPU kernels pinned to AVX2 vs unpinned', bench_cpu_pin(96, 8)['cost'],
+             '<= 1.15', 'x', 96)]
 
 def _interpret_rows(size, device) -> list:
     r = bench_explain(size=size, reps=1)
