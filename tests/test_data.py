@@ -317,7 +317,7 @@ def test_protocols_official_and_clean_pass_paper_leaks(synth_df):
     clean = cuts['paper_clean']
     assert set(clean[clean.set != 'train'].aug) == {0} and set(clean[clean.set == 'train'].aug) == {0, 1, 2, 3}
     assert len(cuts['paper']) == 4 * (synth_df.split == 'train').sum() and 'capped' in cuts['paper'].attrs['note']
-    assert set(cuts['paper'].split) == set(cuts['paper_clean'].split) == {'train'}  # MURA's valid split: the shared test
+    assert set(cuts['paper'].split) == set(cuts['paper_clean'].split) == {'train'}  # valid: the shared test set
 
 
 def test_paper_subset_takes_5107_in_proportion_when_there_are_more(synth_df):
