@@ -19,6 +19,8 @@ from lime import lime_image
 from skimage.segmentation import quickshift, slic
 from skimage.color import gray2rgb
 from scipy.stats import spearmanr
+from scipy.ndimage import sobel
+from skimage.metrics import structural_similarity
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
 import timm
@@ -30,12 +32,14 @@ from .learner import (MuraModel, evaluating, fit_evaluate, gradcam_layer, infere
                                 mura_model, save_model)
 
 # %% auto #0
-__all__ = ['METHODS', 'SCORES', 'CASES', 'TITLES', 'model_size', 'as_images', 'unit_maps', 'model_name', 'model_device',
-           'batches', 'target_layer', 'gradcam', 'saliency', 'gradcam_saliency', 'segment', 'BatchedLimeExplainer',
-           'best_batch_size', 'predict_probs', 'lime_classifier', 'lime', 'gradient_maps', 'explain', 'image_geometry',
-           'boxes_to_model', 'box_mask', 'pointing_game', 'energy_pointing_game', 'rise_curves', 'curve_auc',
-           'randomized_copy', 'rank_correlation', 'image_scores', 'score_maps', 'faithfulness_table', 'pick_cases',
-           'draw_overlays', 'overlay_grid', 'readable', 'map_aucs', 'explain_to_files', 'trained_model']
+__all__ = ['METHODS', 'CASCADE_METHODS', 'SCORES', 'CASES', 'TITLES', 'model_size', 'as_images', 'unit_maps', 'model_name',
+           'model_device', 'batches', 'target_layer', 'gradcam', 'saliency', 'gradcam_saliency', 'segment',
+           'BatchedLimeExplainer', 'best_batch_size', 'predict_probs', 'lime_classifier', 'lime', 'gradient_maps',
+           'explain', 'image_geometry', 'boxes_to_model', 'box_mask', 'pointing_game', 'energy_pointing_game',
+           'rise_curves', 'curve_auc', 'randomized_copy', 'rank_correlation', 'cascade_blocks', 'edge_maps',
+           'cascade_curve', 'cascade_verdict', 'plot_cascade', 'image_scores', 'score_maps', 'faithfulness_table',
+           'pick_cases', 'draw_overlays', 'overlay_grid', 'readable', 'map_aucs', 'explain_to_files', 'trained_model',
+           'stratified']
 
 # %% ../nbs/06_interpret.ipynb #fb346347
 def model_size(model:nn.Module, # a study model (has `size`) or any module
@@ -339,9 +343,15 @@ def box_mask(boxes, # rows of x0, y0, x1, y1 in model pixels (a DataFrame or an 
 # %% ../nbs/06_interpret.ipynb #33d07527
 def pointing_game(maps:np.ndarray, # (N,H,W) maps
                   masks:np.ndarray, # (N,H,W) bool, the finding's pixels
+                  ties:str='share', # 'share': share of the maximal pixels on the finding; 'hit': first maximum's
                  ) -> np.ndarray:
-    "Per map, the share of its maximal pixels that fall on the finding (1 or 0 when the maximum is unique)."
-    maps = np.asarray(maps); top = maps == maps.max(axis=(-2, -1), keepdims=True)
+    "Per map, the pointing game: with `ties='share'` the share of its maximal pixels on the finding, with 'hit' 0 or 1."
+    maps = np.asarray(maps); masks = np.broadcast_to(masks, maps.shape)
+    if ties == 'hit':
+        first = maps.reshape(len(maps), -1).argmax(1)  # the first maximal pixel in raster order (row by row)
+        return masks.reshape(len(masks), -1)[np.arange(len(maps)), first].astype(np.float64)
+    if ties != 'share': raise ValueError(f"Unknown ties={ties!r}: use 'share' or 'hit'.")
+    top = maps == maps.max(axis=(-2, -1), keepdims=True)
     return (top & masks).sum((-2, -1))/top.sum((-2, -1))
 
 # %% ../nbs/06_interpret.ipynb #1a7349bf
@@ -382,15 +392,18 @@ def randomized_copy(model:nn.Module, # a trained model
                     seed:int=0, # seed for the new weights
                    ) -> nn.Module:
     "A copy of `model` with every layer re-initialised (weights, biases, batch-norm statistics), in eval mode."
-    rnd = copy.deepcopy(model)
+    rnd = copy.deepcopy(model); _reinit(rnd, seed)
+    return rnd.eval()
+
+def _reinit(module:nn.Module, seed:int):
+    "Re-initialise every layer of `module` in place, from `seed`."
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        for m in rnd.modules():
+        for m in module.modules():
             if hasattr(m, 'reset_parameters'): m.reset_parameters()
             elif hasattr(m, 'reset_running_stats'): m.reset_running_stats()
             else:
                 for p in m.parameters(recurse=False): p.copy_(p.flatten()[torch.randperm(p.numel())].view_as(p))
-    return rnd.eval()
 
 # %% ../nbs/06_interpret.ipynb #d9062a5d
 def rank_correlation(a:np.ndarray, # (N,H,W) maps
@@ -403,6 +416,87 @@ def rank_correlation(a:np.ndarray, # (N,H,W) maps
         elif x.min() == x.max() or y.min() == y.max(): out.append(0.)
         else: out.append(spearmanr(x, y).statistic)
     return np.array(out)
+
+# %% ../nbs/06_interpret.ipynb #3e9ca697
+def cascade_blocks(model:nn.Module, # a study model (`MuraModel`) or a timm-style network
+                  ) -> list[tuple[str, nn.Module]]:
+    "The blocks the cascading check re-initialises, top first: head, layers after the blocks, blocks."
+    body = model.net[0].model if isinstance(model, MuraModel) else model
+    head = (model.net[1] if isinstance(model, MuraModel) else body.get_classifier() if hasattr(body, 'get_classifier')
+            else next((getattr(body, k) for k in ('head', 'classifier', 'fc') if hasattr(body, k)), None))
+    names = [k for k in ('blocks', 'stages', 'features', 'layers') if isinstance(getattr(body, k, None), nn.Sequential)]
+    if not names: raise ValueError(f"{type(body).__name__} has no `blocks`, `stages` or `features` Sequential: "
+                                   "the cascading check needs a network built of blocks (e.g. a timm model).")
+    kids = list(body.named_children()); at = [n for n, _ in kids].index(names[0])
+    top = [(n, m) for n, m in kids[at+1:] if m is not head and any(True for _ in m.parameters())]
+    out = [('head', head)] if head is not None and any(True for _ in head.parameters()) else []
+    if top: out.append(('+'.join(n for n, _ in top), nn.ModuleList([m for _, m in top])))
+    return out + [(f'{names[0]}.{n}', m) for n, m in reversed(list(getattr(body, names[0]).named_children()))]
+
+# %% ../nbs/06_interpret.ipynb #8a173f04
+def edge_maps(images:np.ndarray, # (N,H,W) images as the model saw them (`explain`'s 'image')
+             ) -> np.ndarray:
+    "A control that ignores the model: the Sobel gradient magnitude of each image, scaled to [0, 1]."
+    x = np.asarray(images, np.float32)
+    return unit_maps(np.hypot(sobel(x, axis=-1), sobel(x, axis=-2)))
+
+# %% ../nbs/06_interpret.ipynb #a552ad0f
+CASCADE_METHODS = ('gradcam', 'saliency', 'edges')  # the cascade's maps: the gradient methods and the control
+
+def cascade_curve(model:nn.Module, # a trained study model (or a timm-style network, with `size`)
+                  images, # paths or PIL 'L' images at the model's size
+                  methods:tuple=CASCADE_METHODS, # 'gradcam', 'saliency' and the control 'edges'
+                  seed:int=0, # seed of the new weights (block k gets seed + k)
+                  size:int|None=None, # input side, for models without a `size` attribute
+                  bs:int=16, # images per gradient pass
+                 ) -> pd.DataFrame:
+    "Cascading randomisation: per step (blocks random from the top) and method, mean Spearman and SSIM to step 0."
+    size = model_size(model, size); ims = as_images(images, size); rnd = copy.deepcopy(model).eval()
+    pixels = np.stack([np.asarray(i) for i in ims])
+    def maps_of(m): return {**gradient_maps(m, ims, methods=methods, size=size, bs=bs), 'edges': edge_maps(pixels)}
+    ref, rows = maps_of(rnd), []
+    for step, (block, mod) in enumerate([('none', None), *cascade_blocks(rnd)]):
+        if mod is not None: _reinit(mod, seed + step)
+        now = maps_of(rnd) if step else ref
+        for m in methods:
+            rows.append(dict(step=step, block=block, method=m, n=len(ims),
+                             spearman=float(rank_correlation(ref[m], now[m]).mean()),
+                             ssim=float(np.mean([structural_similarity(a, b, data_range=1.)
+                                                 for a, b in zip(ref[m], now[m])]))))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/06_interpret.ipynb #968bb322
+def cascade_verdict(curve:pd.DataFrame, # `cascade_curve` output
+                    max_rho:float=0.5, # a method passes when its mean Spearman falls below this ...
+                    after:int=2, # ... once this many blocks from the top are random (2: the head and the next block)
+                   ) -> pd.Series:
+    "Per method, 'pass' when its mean rank correlation after `after` cascade steps is below `max_rho`, else 'fail'."
+    at = curve[curve.step == min(after, curve.step.max())].set_index('method').spearman
+    return pd.Series(np.where(at < max_rho, 'pass', 'fail'), index=at.index, name='cascade')
+
+# %% ../nbs/06_interpret.ipynb #05e7b36f
+def plot_cascade(curve:pd.DataFrame, # `cascade_curve` output (an `arch` column draws one panel per architecture)
+                 max_rho:float=0.5, # the threshold drawn on the Spearman panel
+                 out:Path|None=None, # PNG file to write
+                ) -> plt.Figure:
+    "The cascade: Spearman and SSIM to the trained model's maps against blocks randomised, one line per method."
+    curve = curve if 'arch' in curve else curve.assign(arch='')
+    archs = list(dict.fromkeys(curve.arch))
+    fig, axs = plt.subplots(len(archs), 2, squeeze=False, figsize=(9, 3.2*len(archs)))
+    for r, arch in enumerate(archs):
+        c = curve[curve.arch == arch]; ticks = c.drop_duplicates('step')
+        for k, score in enumerate(('spearman', 'ssim')):
+            ax = axs[r, k]
+            for m, g in c.groupby('method', sort=False):
+                ax.plot(g.step, g[score], marker='o', label=dict(gradcam='Grad-CAM', edges='edges (control)').get(m, m))
+            if score == 'spearman': ax.axhline(max_rho, color='grey', ls='--', lw=1)
+            ax.set_xticks(ticks.step, ticks.block, rotation=60, ha='right', fontsize=7)
+            ax.set_ylim(-.1, 1.05); ax.set_ylabel(score); ax.set_title(f'{arch} {score}'.strip(), fontsize=9)
+    axs[0, 0].legend(fontsize=8); axs[-1, 0].set_xlabel('blocks randomised, from the top (cumulative)')
+    fig.tight_layout()
+    if out: write_figure(fig, out)
+    plt.close(fig)
+    return fig
 
 # %% ../nbs/06_interpret.ipynb #062f5a39
 def image_scores(model:nn.Module, # a study model (or any module, with `size`)
@@ -431,12 +525,14 @@ def image_scores(model:nn.Module, # a study model (or any module, with `size`)
             rows.append(dict(path=p, method=m, deletion=d, deletion_random=d0, insertion=ins, insertion_random=i0,
                              rank_corr=rank_correlation(maps[m][i:i+1], rnd[m][i:i+1])[0],
                              pointing=pointing_game(maps[m][i:i+1], mask)[0] if len(g) else np.nan,
+                             pointing_hit=pointing_game(maps[m][i:i+1], mask, 'hit')[0] if len(g) else np.nan,
                              energy=energy_pointing_game(maps[m][i:i+1], mask)[0] if len(g) else np.nan,
                              chance=mask.sum()/g.content.iloc[0] if len(g) else np.nan))
     return pd.DataFrame(rows)
 
 # %% ../nbs/06_interpret.ipynb #bf6e9cfd
-SCORES = ('pointing', 'energy', 'chance', 'deletion', 'deletion_random', 'insertion', 'insertion_random', 'rank_corr')
+SCORES = ('pointing', 'pointing_hit', 'energy', 'chance', 'deletion', 'deletion_random',
+           'insertion', 'insertion_random', 'rank_corr')
 
 # %% ../nbs/06_interpret.ipynb #775450ad
 def score_maps(models:dict|nn.Module, # {architecture: model}, or one model (named by its `arch`)
@@ -608,3 +704,14 @@ def _test_rows(df, name, seed):
     "The original (not augmented) test images of protocol `name`."
     cut = protocol(df, name, seed=seed)
     return cut[(cut.set == 'test') & (cut.aug == 0)].reset_index(drop=True)
+
+# %% ../nbs/06_interpret.ipynb #026e6011
+def stratified(rows:pd.DataFrame, # one row per image, with a `by` column
+               n:int, # rows wanted
+               by:str='body_part', # the column spread evenly
+               seed:int=0, # which rows within each group
+              ) -> pd.DataFrame:
+    "`n` rows taken round-robin over the groups of `by` (shuffled within each), so every group is as even as it can be."
+    shuffled = rows.sample(frac=1, random_state=seed)
+    turn = shuffled.groupby(by, sort=False).cumcount()
+    return shuffled.assign(_turn=turn.to_numpy()).sort_values('_turn', kind='stable').head(n).drop(columns='_turn')

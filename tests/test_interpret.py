@@ -6,8 +6,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from mura_study.data import GREY_MEAN, GREY_STD, load_grey
-from mura_study.interpret import (box_mask, boxes_to_model, curve_auc, energy_pointing_game, explain,
-    gradcam, gradcam_saliency, image_scores, lime, overlay_grid, pick_cases, pointing_game, randomized_copy,
+from mura_study.interpret import (box_mask, boxes_to_model, cascade_blocks, cascade_curve, cascade_verdict,
+    curve_auc, edge_maps, energy_pointing_game, explain, gradcam, gradcam_saliency, plot_cascade, image_scores,
+    lime, overlay_grid, pick_cases, pointing_game, randomized_copy,
     rank_correlation, rise_curves, saliency, score_maps, faithfulness_table, unit_maps)
 
 SIZE = 32
@@ -86,6 +87,17 @@ def test_pointing_game_hand_values():
     mask = box_mask(np.array([[1, 1, 3, 3]]), 4)[None].repeat(3, 0)
     maps = np.zeros((3, 4, 4)); maps[0, 1, 2] = 1; maps[1, 0, 0] = 1; maps[2, 0, 0] = maps[2, 2, 2] = 1
     np.testing.assert_allclose(pointing_game(maps, mask), [1, 0, 0.5])
+    np.testing.assert_allclose(pointing_game(maps, mask, ties='hit'), [1, 0, 0])  # first maximum in raster order
+    with pytest.raises(ValueError, match="'share' or 'hit'"): pointing_game(maps, mask, ties='max')
+
+def test_pointing_games_score_the_finding_itself_one_and_a_flat_map_chance():
+    mask = box_mask(np.array([[1, 1, 3, 3]]), 4)[None]
+    for ties in ('share', 'hit'): np.testing.assert_allclose(pointing_game(mask.astype(float), mask, ties=ties), [1])
+    flat = np.full((1, 4, 4), .3)
+    np.testing.assert_allclose(pointing_game(flat, mask), [4/16])  # chance: the finding's share of the image
+    np.testing.assert_allclose(pointing_game(flat, mask, ties='hit'), [0])  # the top-left pixel, off the box
+    corner = box_mask(np.array([[0, 0, 1, 1]]), 4)[None]
+    np.testing.assert_allclose(pointing_game(flat, corner, ties='hit'), [1])
 
 def test_energy_pointing_game_hand_values():
     mask = box_mask(np.array([[0, 0, 2, 2]]), 4)[None].repeat(2, 0)
@@ -136,10 +148,11 @@ def test_score_maps_table_with_boxes_chance_and_verdicts(model, tmp_path):
     boxes = pd.DataFrame(dict(path=paths[:2], x0=[0, 30], y0=[0, 10], x1=[30, 60], y1=[20, 40], kind='x'))
     s = score_maps({'tiny': model}, paths, boxes, n_boot=50, lime_samples=20, steps=8, progress=False)
     per = s.attrs['per_image']
-    assert len(per) == 9 and per.pointing.notna().sum() == 6
+    assert len(per) == 9 and per.pointing.notna().sum() == 6 and per.pointing_hit.notna().sum() == 6
     np.testing.assert_allclose(per.chance.dropna().unique(), [0.25, 0.375], atol=0.02)
-    assert set(s.sanity) <= {'pass', 'fail'} and set(s.score) >= {'pointing', 'chance', 'deletion', 'rank_corr'}
-    assert faithfulness_table(s).shape == (3, 9)
+    assert set(s.sanity) <= {'pass', 'fail'}
+    assert set(s.score) >= {'pointing', 'pointing_hit', 'chance', 'deletion', 'rank_corr'}
+    assert faithfulness_table(s).shape == (3, 10)
 
 def test_image_scores_compare_every_method_with_one_random_baseline(model, tmp_path):
     p, rng = tmp_path/'im.png', np.random.default_rng(2)
@@ -177,3 +190,37 @@ def test_best_batch_size_takes_the_fastest_per_image_and_the_larger_of_near_ties
     assert best_batch_size(CostModel(8, .004, .004, cheap=4), candidates=(1, 2, 4, 8, 16)) == 4
     # a fixed cost per call only: per-image time keeps falling, the largest batch wins
     assert best_batch_size(CostModel(9, .004, 0.), candidates=(1, 2, 4, 8)) == 8
+
+
+class BlockCNN(nn.Module):
+    "A network built of blocks, as timm's are: `blocks`, then a 1x1 convolution, a linear head."
+    def __init__(self, size=SIZE):
+        super().__init__(); self.size = size
+        self.blocks = nn.Sequential(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()),
+                                    nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()))
+        self.conv_head, self.head = nn.Conv2d(8, 8, 1), nn.Linear(8, 2)
+    def forward(self, x): return self.head(F.relu(self.conv_head(self.blocks(x))).mean((2, 3)))
+
+def test_cascade_blocks_go_from_the_top_and_refuse_other_networks():
+    net = BlockCNN()
+    assert [n for n, _ in cascade_blocks(net)] == ['head', 'conv_head', 'blocks.1', 'blocks.0']
+    assert cascade_blocks(net)[0][1] is net.head
+    with pytest.raises(ValueError, match='built of blocks'): cascade_blocks(TinyCNN())
+
+def test_cascade_fails_the_edge_control_and_moves_the_gradient_maps(images):
+    torch.manual_seed(0); net = BlockCNN().eval(); before = {k: v.clone() for k, v in net.state_dict().items()}
+    c = cascade_curve(net, images, seed=1)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the model itself is left alone
+    assert list(c.step.unique()) == [0, 1, 2, 3, 4] and set(c.method) == {'gradcam', 'saliency', 'edges'}
+    np.testing.assert_allclose(c[c.step == 0][['spearman', 'ssim']], 1, atol=1e-6)
+    np.testing.assert_allclose(c[c.method == 'edges'][['spearman', 'ssim']], 1, atol=1e-6)
+    grad = c[(c.method != 'edges') & (c.step == c.step.max())]
+    assert (grad.spearman < 0.9).all() and (grad.ssim < 0.9).all()
+    v = cascade_verdict(c)
+    assert v['edges'] == 'fail' and v['saliency'] == 'pass'
+    assert len(plot_cascade(c.assign(arch='block')).axes) == 2
+
+def test_edge_maps_ignore_the_model_and_find_edges():
+    img = np.zeros((1, 8, 8), np.uint8); img[0, :, 4:] = 255
+    e = edge_maps(img)
+    assert e.max() == 1 and e[0, :, 3:5].min() > 0.5 and e[0, :, :2].max() == 0 and e[0, :, 6:].max() == 0
