@@ -460,4 +460,5 @@ d = { 'settings': { 'branch': 'main',
                                    'mura_study.tuning.tuning_cost': ('tuning.html#tuning_cost', 'mura_study/tuning.py'),
                                    'mura_study.tuning.tuning_figures': ('tuning.html#tuning_figures', 'mura_study/tuning.py'),
                                    'mura_study.tuning.tuning_table': ('tuning.html#tuning_table', 'mura_study/tuning.py'),
+                                   'mura_study.tuning.wait_for_baseline': ('tuning.html#wait_for_baseline', 'mura_study/tuning.py'),
                                    'mura_study.tuning.wait_for_slot': ('tuning.html#wait_for_slot', 'mura_study/tuning.py')}}}

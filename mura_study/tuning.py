@@ -30,9 +30,10 @@ from .learner import (ARCHS, check_training, evaluate, fingerprint, get_arch, lo
 # %% auto #0
 __all__ = ['SPACE', 'LIMITS', 'COUNTED', 'BASELINE', 'LIVE', 'SEARCH_METRICS', 'SEARCH_PLOTS', 'search_space', 'space_attr',
            'storage_url', 'open_storage', 'open_study', 'wait_for_slot', 'SurplusTrial', 'baseline_params',
-           'enqueue_baseline', 'trial_objective', 'run_trials', 'tune', 'TrialReport', 'config_learner', 'trial_tag',
-           'learner_fit', 'run_images', 'baseline_and_winner', 'trial_config', 'compare_tuned', 'tuning_table',
-           'tuning_cost', 'cost_summary', 'tuning_figures', 'load_fit', 'study_summary', 'tune_worker']
+           'enqueue_baseline', 'wait_for_baseline', 'trial_objective', 'run_trials', 'tune', 'TrialReport',
+           'config_learner', 'trial_tag', 'learner_fit', 'run_images', 'baseline_and_winner', 'trial_config',
+           'compare_tuned', 'tuning_table', 'tuning_cost', 'cost_summary', 'tuning_figures', 'load_fit',
+           'study_summary', 'tune_worker']
 
 # %% ../nbs/05_tuning.ipynb #04c65de3
 SPACE = {'lr': (1e-5, 1e-1, True), 'dropout': (0.0, 0.7, False), 'l2': (1e-6, 1e-1, True)}
@@ -190,6 +191,18 @@ def enqueue_baseline(study:optuna.Study, # the shared study
     study.enqueue_trial(params, user_attrs={'baseline': True})
     return True
 
+# %% ../nbs/05_tuning.ipynb #af985d15
+def wait_for_baseline(study:optuna.Study, # the shared study
+                      params:dict, # from `baseline_params`
+                      poll:float=1.0, # seconds between looks at the database
+                     ) -> bool:
+    "Wait until the study's baseline trial has finished (True; also with none); if it failed, enqueue it again (False)."
+    while True:
+        base = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get('baseline')]
+        if not base or any(t.state in COUNTED for t in base): return True
+        if not any(t.state in LIVE for t in base): enqueue_baseline(study, params); return False
+        time.sleep(poll); _stale_to_failed(study)
+
 # %% ../nbs/05_tuning.ipynb #c321ae1f
 def _earlier_baseline(trial:optuna.Trial) -> int|None:
     "The number of a baseline trial started before `trial` and not lost, if there is one."
@@ -201,6 +214,7 @@ def trial_objective(fit:Callable, # fit(params, report, trial) -> validation met
                     n_trials:int, # trials the study should hold
                    ) -> Callable:
     "An Optuna objective: claim a place among `n_trials`, sample `space` (or take the baseline's), run `fit`."
+    base = baseline_params(space)
     def objective(trial:optuna.Trial) -> float:
         if not wait_for_slot(trial.study, n_trials, before=trial.number):
             trial.set_user_attr('surplus', True); trial.study.stop()
@@ -209,6 +223,9 @@ def trial_objective(fit:Callable, # fit(params, report, trial) -> validation met
         if baseline and (first := _earlier_baseline(trial)) is not None:
             trial.set_user_attr('surplus', True)
             raise SurplusTrial(f"trial {trial.number} not needed: trial {first} is the baseline")
+        if not baseline and not wait_for_baseline(trial.study, base):
+            trial.set_user_attr('surplus', True)
+            raise SurplusTrial(f"trial {trial.number} not run: the baseline failed and runs again first")
         params = {k: trial.suggest_float(k, d.low, d.high, log=d.log) if isinstance(d, FloatDistribution) else d
                   for k, d in space.items()}
         def report(value:float, epoch:int):
