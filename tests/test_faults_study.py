@@ -156,6 +156,9 @@ def _tables(rd: Path) -> dict:
             # a killed trial stays behind as FAIL, and the trials after it are renumbered (their model folders too)
             df = df[df.state.isin(["COMPLETE", "PRUNED"])].reset_index(drop=True)
             df = df.drop(columns=[c for c in df.columns if c == "number" or "model" in c])
+            # a trial stopped unrun while the killed baseline ran again is marked `surplus`: a mark of FAIL rows only
+            df = df.drop(columns=[c for c in df.columns if c == "user_attrs_surplus"])
+            df = df.convert_dtypes()  # a column that held NaN for a FAIL row is float: its kept rows' own dtype
         if f.stem == "tuning_gain": df = df.drop(columns="winner_trial")  # a trial number, renumbered likewise
         out[f.stem] = df[[c for c in df.columns if not _timing(c)]]
     return out
