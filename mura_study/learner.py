@@ -64,17 +64,18 @@ class Arch:
     size:int                # default input size in pixels
     mean:float              # grey mean its pretrained weights expect (mean of timm's RGB means)
     std:float               # grey std its pretrained weights expect
-    gradcam_layer:str       # dotted path, inside the timm model, of the layer Grad-CAM explains
+    gradcam_layer:str       # dotted path, inside the timm model, of the layer Grad-CAM explains (the last stage)
+    gradcam_fine:str        # an earlier candidate layer for Grad-CAM: stride 16, twice the last stage's resolution
     unused:tuple = ()       # timm submodules that fastai's body never calls, dropped from the model
     scratch:tuple = ()      # timm options, as (name, value) pairs, for a network trained from scratch
 
 # %% ../nbs/04_learner.ipynb #c527002e
 ARCHS = {a.key: a for a in [
-    Arch('vgg19',         'VGG19',         'vgg19',           224, 0.449, 0.226, 'features.35', unused=('pre_logits',)),
-    Arch('xception',      'Xception',      'legacy_xception', 299, 0.5,   0.5,   'act4'),
-    Arch('mobilenetv2',   'MobileNetV2',   'mobilenetv2_100', 224, 0.449, 0.226, 'bn2', scratch=(('bn_eps', 1e-3),)),
-    Arch('convnext_base', 'ConvNeXt-Base', 'convnext_base',   224, 0.449, 0.226, 'stages.3'),
-    Arch('densenet169',   'DenseNet-169',  'densenet169',     224, 0.449, 0.226, 'features.norm5'),
+    Arch('vgg19',         'VGG19',         'vgg19',           224, 0.449, 0.226, 'features.35', 'features.26', unused=('pre_logits',)),
+    Arch('xception',      'Xception',      'legacy_xception', 299, 0.5,   0.5,   'act4', 'block11'),
+    Arch('mobilenetv2',   'MobileNetV2',   'mobilenetv2_100', 224, 0.449, 0.226, 'bn2', 'blocks.4', scratch=(('bn_eps', 1e-3),)),
+    Arch('convnext_base', 'ConvNeXt-Base', 'convnext_base',   224, 0.449, 0.226, 'stages.3', 'stages.2'),
+    Arch('densenet169',   'DenseNet-169',  'densenet169',     224, 0.449, 0.226, 'features.norm5', 'features.denseblock3'),
 ]}
 
 # %% ../nbs/04_learner.ipynb #dc47b5dd
@@ -159,10 +160,13 @@ def mura_model(arch:str|Arch, # architecture key or entry
 
 # %% ../nbs/04_learner.ipynb #536c133f
 def gradcam_layer(model:MuraModel|Learner, # a model, or a learner holding one
+                  layer:str|None=None, # a dotted path inside the timm network, or 'last'/'fine' (the registry's)
                  ) -> nn.Module:
-    "The module Grad-CAM explains: `model.arch.gradcam_layer` inside the timm network."
+    "The module Grad-CAM explains: `layer`, else the model's explanation settings, else `model.arch.gradcam_layer`."
     m = getattr(model, 'model', model)
-    return m.net[0].model.get_submodule(m.arch.gradcam_layer)
+    layer = layer or m.config.get('explain', {}).get('gradcam_layer') or 'last'
+    layer = dict(last=m.arch.gradcam_layer, fine=m.arch.gradcam_fine).get(layer, layer)
+    return m.net[0].model.get_submodule(layer)
 
 # %% ../nbs/04_learner.ipynb #0c4cc1b6
 def mura_split(m:MuraModel):

@@ -29,15 +29,18 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize('key', list(ARCHS))
-def test_each_architecture_runs_forward_and_backward_at_64px_with_a_gradcam_layer(key):
+def test_each_architecture_runs_forward_and_backward_at_64px_with_two_gradcam_layers(key):
     torch.manual_seed(0)
     model = mura_model(key, size=64)
     feats = {}
-    gradcam_layer(model).register_forward_hook(lambda m, i, o: feats.setdefault('out', o))
+    for which in ('last', 'fine'):
+        gradcam_layer(model, which).register_forward_hook(lambda m, i, o, w=which: feats.setdefault(w, o))
     logits = model(torch.randn(2, 1, 64, 64))
     assert logits.shape == (2, 2)
-    grad, = torch.autograd.grad(logits[:, 1].sum(), feats['out'], retain_graph=True)
-    assert grad.dim() == 4 and grad.abs().sum() > 0
+    for which in ('last', 'fine'):
+        grad, = torch.autograd.grad(logits[:, 1].sum(), feats[which], retain_graph=True)
+        assert grad.dim() == 4 and grad.abs().sum() > 0
+    assert feats['fine'].shape[-1] == 2*feats['last'].shape[-1]  # the candidate is one stride finer
     logits.sum().backward()
     first = next(p for p in model.parameters() if p.dim() == 4)
     assert first.shape[1] == 1 and first.grad is not None and first.grad.abs().sum() > 0
