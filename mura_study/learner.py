@@ -73,7 +73,8 @@ class Arch:
 ARCHS = {a.key: a for a in [
     Arch('vgg19', 'VGG19', 'vgg19', 224, .449, .226, 'features.35', 'features.26', unused=('pre_logits',)),
     Arch('xception', 'Xception', 'legacy_xception', 299, .5, .5, 'act4', 'block11'),
-    Arch('mobilenetv2', 'MobileNetV2', 'mobilenetv2_100', 224, .449, .226, 'bn2', 'blocks.4', scratch=(('bn_eps', 1e-3),)),
+    Arch('mobilenetv2', 'MobileNetV2', 'mobilenetv2_100', 224, .449, .226, 'bn2', 'blocks.4',
+         scratch=(('bn_eps', 1e-3),)),
     Arch('convnext_base', 'ConvNeXt-Base', 'convnext_base', 224, .449, .226, 'stages.3', 'stages.2'),
     Arch('densenet169', 'DenseNet-169', 'densenet169', 224, .449, .226, 'features.norm5', 'features.denseblock3'),
 ]}
