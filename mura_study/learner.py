@@ -281,7 +281,7 @@ def save_model(learn_or_model:Learner|MuraModel, # a trained learner or model
 
 # %% ../nbs/04_learner.ipynb #eb34cceb
 CONFIG_KEYS = ('arch', 'timm_id', 'paper_name', 'size', 'pretrained', 'dropout', 'head', 'timm_kwargs', 'l2', 'wd',
-               'format', 'vocab', 'input', 'metrics', 'epochs', 'lr', 'best_epoch', 'valid_kappa')
+               'format', 'vocab', 'input', 'metrics', 'epochs', 'lr', 'best_epoch', 'valid_kappa', 'explain')
 
 # %% ../nbs/04_learner.ipynb #fc6081b9
 TIMM_OPTIONS = ('drop_rate', 'drop_path_rate', 'bn_eps', 'bn_momentum')  # numbers only: no option that names a file
@@ -289,6 +289,7 @@ TIMM_OPTIONS = ('drop_rate', 'drop_path_rate', 'bn_eps', 'bn_momentum')  # numbe
 def _config_problems(c:dict) -> list[str]:
     "What in the config `c` `load_model` does not understand, one phrase each."
     a, s, d, tk, v = c.get('arch'), c.get('size'), c.get('dropout', 0.5), c.get('timm_kwargs') or {}, c.get('vocab')
+    ex = c.get('explain', {})
     arch, vocab = ARCHS.get(a) if isinstance(a, str) else None, ['normal', 'abnormal']
     extra, opts = sorted(set(c) - set(CONFIG_KEYS)), sorted(set(tk) - set(TIMM_OPTIONS)) if isinstance(tk, dict) else tk
     return [why for ok, why in [
@@ -302,6 +303,8 @@ def _config_problems(c:dict) -> list[str]:
         (v is None or v == vocab, f"vocab {v!r} is not {vocab}"),
         (not opts, f"timm_kwargs {opts!r}: only plain model options ({', '.join(TIMM_OPTIONS)}) are read, never files"),
         (isinstance(tk, dict) and all(map(_real, tk.values())), f"timm_kwargs values {tk!r} are not all numbers"),
+        (isinstance(ex, dict) and set(ex) <= {'gradcam_layer'} and ex.get('gradcam_layer', 'last') in ('last', 'fine'),
+         f"explain {ex!r} is not {{'gradcam_layer': 'last' or 'fine'}}"),
     ] if not ok]
 
 # %% ../nbs/04_learner.ipynb #b047ff32

@@ -294,3 +294,14 @@ def test_train_seeds_scores_each_seed_on_its_own_the_shared_and_the_valid_rows(t
     assert set(runs[0]['valid']['images'].path) == set(cut.path[cut.set == 'valid'])
     rows = compare_models({'m': [r['shared']['studies'] for r in runs]}, n_boot=20)
     assert rows.n_seeds.unique().tolist() == [2] and rows.n_studies.unique().tolist() == [shared.study.nunique()]
+
+
+def test_the_explanation_settings_travel_with_the_model_file_and_only_known_layers_are_read(tmp_path):
+    model = mura_model('mobilenetv2', size=64)
+    model.config['explain'] = dict(gradcam_layer='fine')
+    loaded = load_model(save_model(model, tmp_path/'m'))
+    assert gradcam_layer(loaded) is loaded.net[0].model.get_submodule(ARCHS['mobilenetv2'].gradcam_fine)
+    assert gradcam_layer(loaded, 'last') is loaded.net[0].model.get_submodule('bn2')
+    model.config['explain'] = dict(gradcam_layer='conv_stem')  # a layer is named by the registry, never by the file
+    with pytest.raises(ValueError, match="explain .* is not"):
+        load_model(save_model(model, tmp_path/'bad'))
