@@ -29,7 +29,7 @@ from fastai.vision.augment import RandTransform, affine_mat, rotate_mat
 
 from . import core
 from .core import *
-from .synth import BODY_PARTS
+from .synth import BODY_PARTS, TISSUES, anatomy_path
 
 # %% auto #0
 __all__ = ['SPLITS', 'MURA_CSVS', 'COLUMNS', 'CHECKS', 'VOCAB', 'PROBLEM_COLUMNS', 'PAPER_IMAGES', 'PROTOCOLS', 'GREY_MEAN',
@@ -38,7 +38,8 @@ __all__ = ['SPLITS', 'MURA_CSVS', 'COLUMNS', 'CHECKS', 'VOCAB', 'PROBLEM_COLUMNS
            'with_copies', 'protocol', 'shared_test', 'to_grey', 'pad_square', 'load_grey', 'GreyCache', 'grey_cache',
            'Augment', 'shear_mat', 'RotateShear', 'RandomBlur', 'SaltPepper', 'augment_tfms', 'pil_augment',
            'offline_copy', 'to_batch', 'GreyItem', 'label_name', 'GreyDL', 'MuraDataLoaders', 'mura_dataloaders',
-           'read_boxes', 'plot_counts', 'plot_image_sizes', 'augmentation_gallery', 'plot_batch']
+           'read_boxes', 'has_anatomy', 'anatomy_masks', 'plot_counts', 'plot_image_sizes', 'augmentation_gallery',
+           'plot_batch']
 
 # %% ../nbs/02_data.ipynb #07e3f23d
 SPLITS = ('train', 'valid')
@@ -442,13 +443,14 @@ def to_grey(im:Image.Image, # an image of any PIL mode
 # %% ../nbs/02_data.ipynb #0a8452f0
 def pad_square(im:Image.Image, # a grey image
                size:int, # side of the square
+               resample:int=Image.Resampling.BILINEAR, # PIL's resampling filter (label maps: NEAREST)
               ) -> Image.Image:
     "Resize the longest side to `size` keeping the aspect ratio, then centre on a black square."
     w, h = im.size
     s = size / max(w, h)
     nw, nh = max(1, round(w * s)), max(1, round(h * s))
     out = Image.new('L', (size, size), 0)
-    out.paste(im.resize((nw, nh), Image.Resampling.BILINEAR), ((size - nw) // 2, (size - nh) // 2))
+    out.paste(im.resize((nw, nh), resample), ((size - nw) // 2, (size - nh) // 2))
     return out
 
 # %% ../nbs/02_data.ipynb #8ac0105b
@@ -850,6 +852,39 @@ def read_boxes(root:Path|str, # the `MURA-v1.1` folder or the folder containing 
             raise MuraError(f"{f.name} line {i + 2}: {p!r} is not a path inside MURA-v1.1. "
                             "Fix: write it as in the image CSVs.")
     return b.assign(path=[str(mura.joinpath(*p.split('/')[1:])) for p in b.path])[BOX_COLUMNS]
+
+# %% ../nbs/02_data.ipynb #5f6dbca8
+def has_anatomy(paths, # image files
+               ) -> bool:
+    "Whether every image of `paths` has a label map (a synthetic set's images do; a real MURA's have none)."
+    try: return all(anatomy_path(p).is_file() for p in paths)
+    except ValueError: return False  # a path outside a MURA-v1.1 tree has none
+
+# %% ../nbs/02_data.ipynb #873ad397
+def _label_square(path, size:int) -> np.ndarray:
+    "The label map of image `path`, checked against the image, in `load_grey`'s square by nearest neighbour."
+    f = anatomy_path(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"No label map {f} for image {path}: only a synthetic set has label maps, a real "
+                                "MURA has none. Fix: check data.has_anatomy(paths) first and skip the scores that "
+                                "need them.")
+    with Image.open(path) as im: shape, turn = im.size, im.getexif().get(0x0112, 1)
+    with Image.open(f) as lab:
+        if lab.mode != 'L' or lab.size != shape or turn != 1:
+            raise ValueError(f"{f} ({lab.mode} {lab.size}) does not fit its image {path} ({shape}, EXIF orientation "
+                             f"{turn}). Fix: write the set again with synth.make_mura.")
+        a = np.asarray(pad_square(lab, size, resample=Image.Resampling.NEAREST))
+    if a.max() >= len(TISSUES):
+        raise ValueError(f"{f} holds code {a.max()}, not one of synth.TISSUES. Fix: write the set again.")
+    return a
+
+def anatomy_masks(paths, # image files of a synthetic set
+                  size:int, # side of the model's square input
+                 ) -> np.ndarray:
+    "The images' label maps placed as `load_grey` places the images: (N, size, size) uint8 `synth.TISSUES` codes."
+    out = np.zeros((len(paths), size, size), np.uint8)
+    for i, p in enumerate(paths): out[i] = _label_square(p, size)
+    return out
 
 # %% ../nbs/02_data.ipynb #6fa21739
 def plot_counts(df:pd.DataFrame, by:str='set', out:Path|None=None) -> plt.Figure:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes, json, math, numbers, os, signal, sys, tempfile, threading, time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +15,18 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 import matplotlib.pyplot as plt
 import matplotlib.patches as mpatches
+from matplotlib.colors import ListedColormap
 from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .core import *
 
 # %% auto #0
-__all__ = ['BODY_PARTS', 'PART_IMAGES', 'ABNORMAL_RATE', 'FINDINGS', 'ANATOMY', 'FRAME', 'FINDABLE', 'MIN_SIDE', 'JOURNAL',
-           'CSVS', 'SETTINGS_FILE', 'plan_mura', 'Bone', 'patient_traits', 'study_findings', 'render_view',
-           'synth_settings', 'make_mura', 'plan_counts', 'example_grid']
+__all__ = ['BODY_PARTS', 'PART_IMAGES', 'ABNORMAL_RATE', 'FINDINGS', 'LIKE', 'ANATOMY', 'FRAME', 'FINDABLE', 'TISSUES',
+           'JOINT_REACH', 'JOINT_TOUCH', 'ANATOMY_DIR', 'MIN_SIDE', 'JOURNAL', 'CSVS', 'SETTINGS_FILE',
+           'TISSUE_COLOURS', 'plan_mura', 'plan_like', 'Bone', 'patient_traits', 'study_findings', 'render_view',
+           'anatomy_path', 'synth_settings', 'make_mura', 'plan_counts', 'example_grid', 'anatomy_figure',
+           'box_alignment']
 
 # %% ../nbs/01_synth.ipynb #a3eea7a2
 BODY_PARTS = ('ELBOW', 'FINGER', 'FOREARM', 'HAND', 'HUMERUS', 'SHOULDER', 'WRIST')
@@ -85,6 +89,80 @@ def plan_mura(n_patients:int=200, # patients in train and valid together
     df['path'] = ('MURA-v1.1/' + df.split + '/XR_' + df.body_part + '/' + df.patient + '/study' + df.study.astype(str)
                   + '_' + df.label.map({0: 'negative', 1: 'positive'}) + '/image' + df.view.astype(str) + '.png')
     return df
+
+# %% ../nbs/01_synth.ipynb #426a94ac
+LIKE = {'mura-v1.1': dict(  # MURA.md: the published counts of MURA-v1.1; images per body part as (abnormal, normal)
+    train=dict(patients=11184, studies=13457, images=dict(
+        ELBOW=(2006, 2925), FINGER=(1968, 3138), FOREARM=(661, 1164), HAND=(1484, 4059), HUMERUS=(599, 673),
+        SHOULDER=(4168, 4211), WRIST=(3987, 5765))),
+    valid=dict(patients=783, studies=1199, abnormal=1530, images=dict(
+        ELBOW=465, FINGER=461, FOREARM=301, HAND=460, HUMERUS=288, SHOULDER=563, WRIST=659)))}
+
+# %% ../nbs/01_synth.ipynb #6224559a
+def _like_cells(split:dict) -> dict:
+    "Images per (body part, label) of one split of a `LIKE` entry; a valid split's abnormal ones shared by quota."
+    if 'abnormal' not in split: return {(p, lab): n[1 - lab] for p, n in split['images'].items() for lab in (1, 0)}
+    train = LIKE['mura-v1.1']['train']['images']
+    w = {p: n*train[p][0]/sum(train[p]) for p, n in split['images'].items()}
+    ab = pd.Series(_quota(split['abnormal'], w)).value_counts().reindex(list(w), fill_value=0)
+    return {(p, lab): int(ab[p]) if lab else n - int(ab[p]) for p, n in split['images'].items() for lab in (1, 0)}
+
+def _views(rng, n_studies:int, n_images:int) -> np.ndarray:
+    "Views (1 to 4) of `n_studies` studies that add up to `n_images`: drawn as `plan_mura` draws them, then evened out."
+    nv = rng.choice([1, 2, 3, 4], size=n_studies, p=[.08, .32, .45, .15])
+    while (gap := n_images - nv.sum()) != 0:
+        can = np.flatnonzero(nv < 4) if gap > 0 else np.flatnonzero(nv > 1)
+        nv[rng.choice(can, size=min(abs(gap), len(can)), replace=False)] += np.sign(gap)
+    return nv
+
+# %% ../nbs/01_synth.ipynb #ed82531e
+def _like_studies(rng, split:dict, first_pid:int) -> pd.DataFrame:
+    "One row per study of a split: body part, label, views, and a patient; every patient has at least one study."
+    cells = _like_cells(split)
+    share = pd.Series(_quota(split['studies'], {k: n for k, n in cells.items() if n}, 1)).value_counts()
+    st = pd.DataFrame([dict(body_part=p, label=lab, n_views=v) for (p, lab), n in cells.items() if n
+                       for v in _views(rng, int(share[(p, lab)]), n)]).iloc[rng.permutation(split['studies'])]
+    owner = np.arange(len(st))  # the first `patients` studies start a patient each; the rest join one of them
+    heads = pd.Series(np.arange(split['patients']), index=st.body_part.to_numpy()[:split['patients']])
+    for i in range(split['patients'], len(st)):
+        part = st.body_part.iat[i] if rng.random() < .9 else rng.choice(BODY_PARTS)  # a follow-up, or another part
+        pool = heads[part] if part in heads.index else heads
+        owner[i] = np.atleast_1d(pool)[rng.integers(np.size(pool))]
+    return st.assign(pid=first_pid + owner).reset_index(drop=True)
+
+# %% ../nbs/01_synth.ipynb #9d5c59ca
+def _like_findings(rng, st:pd.DataFrame) -> pd.Series:
+    "Findings of each study as `_patient_studies` draws them; hardware stays in a patient's later abnormal studies."
+    out, fixed = [], set()
+    for r in st.itertuples():
+        f = set()
+        if r.label:
+            f.add(rng.choice(FINDINGS, p=[.5, .25, .25]))
+            if rng.random() < .3: f.add(rng.choice(FINDINGS))
+            if (r.pid, r.body_part) in fixed: f.add('hardware')
+        if 'hardware' in f: fixed.add((r.pid, r.body_part))
+        out.append('+'.join(sorted(f)))
+    return pd.Series(out, index=st.index)
+
+# %% ../nbs/01_synth.ipynb #c2a10d1a
+def plan_like(like:str='mura-v1.1', # a key of `LIKE`
+              seed:int=0, # dataset seed
+             ) -> pd.DataFrame:
+    "`plan_mura`'s table for a set with the published counts of `like`: patients, studies, images per split and part."
+    if like not in LIKE: raise ValueError(f"like={like!r}: choose one of {', '.join(LIKE)}.")
+    rng, parts, first = np.random.default_rng([seed, 0, 1]), [], 1
+    for split in ('train', 'valid'):
+        st = _like_studies(rng, LIKE[like][split], first_pid=first).assign(split=split)
+        first += LIKE[like][split]['patients']
+        st['study'] = st.groupby(['pid', 'body_part']).cumcount() + 1
+        parts.append(st.assign(findings=_like_findings(rng, st.sort_values(['pid', 'body_part', 'study']))))
+    st = pd.concat(parts).sort_values(['pid', 'body_part', 'study'], kind='stable').reset_index(drop=True)
+    df = st.loc[st.index.repeat(st.n_views)].reset_index(drop=True)
+    df['view'] = df.groupby(['split', 'pid', 'body_part', 'study']).cumcount() + 1
+    df['patient'] = df.pid.map('patient{:05d}'.format)
+    df['path'] = ('MURA-v1.1/' + df.split + '/XR_' + df.body_part + '/' + df.patient + '/study' + df.study.astype(str)
+                  + '_' + df.label.map({0: 'negative', 1: 'positive'}) + '/image' + df.view.astype(str) + '.png')
+    return df[list(plan_mura(2).columns)]
 
 # %% ../nbs/01_synth.ipynb #cd9b68ea
 @dataclass(frozen=True)
@@ -282,21 +360,21 @@ def study_findings(seed:int, # dataset seed
 
 # %% ../nbs/01_synth.ipynb #827fb30e
 def _region(pts, pad, shape):
-    "Slices and pixel-centre grids of the bounding box of `pts` grown by `pad`, or None when off the image."
+    "Slices and pixel coordinates (a row X, a column Y) of the box around `pts` grown by `pad`; None off the image."
     pts = np.asarray(pts, float).reshape(-1, 2)
     x0, y0 = np.floor(pts.min(0) - pad).astype(int).clip(0, None)
     x1, y1 = np.ceil(pts.max(0) + pad + 1).astype(int)
     x1, y1 = min(x1, shape[1]), min(y1, shape[0])
     if x1 <= x0 or y1 <= y0: return None
-    X, Y = np.meshgrid(np.arange(x0, x1, dtype=np.float32), np.arange(y0, y1, dtype=np.float32))
+    X, Y = np.arange(x0, x1, dtype=np.float32)[None], np.arange(y0, y1, dtype=np.float32)[:, None]  # they broadcast
     return (slice(y0, y1), slice(x0, x1)), X, Y
 
 def _axes(a, b, X, Y):
-    "Position along (0..1, clipped), distance to, and signed offset across the segment a->b."
+    "Position along the segment a->b (0..1, clipped) and distance to it."
     d = np.subtract(b, a); L = max(math.hypot(*d), 1e-6); u = d/L
     px, py = X - a[0], Y - a[1]
     t = np.clip((px*u[0] + py*u[1])/L, 0, 1)
-    return t, np.hypot(px - t*d[0], py - t*d[1]), py*u[0] - px*u[1]
+    return t, np.hypot(px - t*d[0], py - t*d[1])
 
 # %% ../nbs/01_synth.ipynb #d2a6525f
 def _bone_shadow(b:Bone, X, Y):
@@ -304,7 +382,7 @@ def _bone_shadow(b:Bone, X, Y):
     d = np.subtract(b.b, b.a); L = math.hypot(*d); u = d/max(L, 1e-6)
     ra, rb = b.r*b.fa, b.r*b.fb
     k = min(1., .45*L/max(ra+rb, 1e-6))
-    t, dist, _ = _axes(np.add(b.a, u*ra*k), np.subtract(b.b, u*rb*k), X, Y)
+    t, dist = _axes(np.add(b.a, u*ra*k), np.subtract(b.b, u*rb*k), X, Y)
     ea, eb = np.clip(1 - t/.25, 0, 1)**2, np.clip(1 - (1-t)/.25, 0, 1)**2
     R = b.r*(1 + (b.fa-1)*ea + (b.fb-1)*eb)
     Ri = R*(1 - b.cort*(1 - .75*np.maximum(ea, eb)))
@@ -330,14 +408,15 @@ def _to_px(b:Bone, f, sc) -> Bone:
 
 # %% ../nbs/01_synth.ipynb #08af8480
 def _fracture(b:Bone, f, sc, X, Y):
-    "Shadow of bone `b` broken at `f['t']`: two fragments, a lucent gap, sometimes callus; returns (shadow, corners)."
+    "Bone `b` broken at `f['t']` (two fragments, a lucent gap, sometimes callus): shadow, box corners, pixels."
     u = np.subtract(b.b, b.a)/max(math.dist(b.a, b.b), 1e-6); n = np.array([-u[1], u[0]])
     c = np.add(b.a, f['t']*np.subtract(b.b, b.a))
     m = u*math.cos(f['tilt']) + n*math.sin(f['tilt'])   # normal of the fracture line
     g, jag = f['gap']*sc/2, f['jag']*sc
     wave = lambda cx, cy, mm: (((X-cx)*mm[0] + (Y-cy)*mm[1])
                                + jag*np.sin(((X-cx)*mm[1] - (Y-cy)*mm[0])/(.35*b.r) + f['phase']))
-    near = _bone_shadow(b, X, Y)*(wave(*c, m) < -g)
+    intact, cut = _bone_shadow(b, X, Y), wave(*c, m)
+    near = intact*(cut < -g)
     shift = math.copysign(max(abs(f['shift'])*b.r, .03*sc), f['shift']) if f['shift'] else 0.
     ca, sa, dv = math.cos(f['angle']), math.sin(f['angle']), n*shift
     rot = lambda p: tuple(c + dv + np.array([[ca, -sa], [sa, ca]]) @ (np.subtract(p, c)))
@@ -349,26 +428,31 @@ def _fracture(b:Bone, f, sc, X, Y):
     w, lin = 1.5*b.r*max(b.fa, b.fb, 1.), np.array([m[1], -m[0]])
     pts = [c + k*lin*(w + abs(shift)) + j*m*(g + 2) for k in (-1, 1) for j in (-1, 1)]
     if f['callus']: pts += [c + dv/2 + k*u*lc + j*n*wc for k in (-1, 1) for j in (-1, 1)]
-    return near + far + callus, pts
+    along, across = (X-c[0])*lin[0] + (Y-c[1])*lin[1], (X-c[0])*m[0] + (Y-c[1])*m[1]
+    line = (intact > .02) & (np.abs(cut) <= g)  # the break across the bone as it lay, inside the box's rectangle
+    line &= (np.abs(along) <= w + abs(shift) - 1) & (np.abs(across) <= g + 1)
+    return near + far + callus, pts, line | (callus > .02)
 
 # %% ../nbs/01_synth.ipynb #4eac5319
 def _lesion(b:Bone, f, sc, X, Y):
-    "Shadow of bone `b` with an expansile lytic lesion: lucent centre, sclerotic rim, sometimes a cortical breach."
+    "Bone `b` with an expansile lytic lesion (lucent centre, sclerotic rim, often a breach): shadow, corners, pixels."
     u = np.subtract(b.b, b.a)/max(math.dist(b.a, b.b), 1e-6); n = np.array([-u[1], u[0]])
     ra = max(f['ra']*b.r, .04*sc); rb = ra*f['rb']
     c = np.add(b.a, f['t']*np.subtract(b.b, b.a)) + n*f['off']*b.r
     al, ac = (X-c[0])*u[0] + (Y-c[1])*u[1], (X-c[0])*n[0] + (Y-c[1])*n[1]
     rho = np.sqrt((al/rb)**2 + (ac/ra)**2)
     inside, rim = np.clip(1 - rho**4, 0, 1)**.5, f['rim']*.7*np.exp(-((rho - 1)/.13)**2)
+    pixels = rho <= 1.25
     if f['breach'] is not None:   # the lucency eats through the shell on one side
         gone = np.cos(np.arctan2(ac/ra, al/rb) - f['breach']) > .7
         rim, inside = np.where(gone, 0, rim), np.where(gone, np.clip(1 - (rho/1.3)**4, 0, 1)**.5, inside)
+        pixels |= gone & (rho <= 1.3)
     sh = np.maximum(_bone_shadow(b, X, Y)*(1 - f['depth']*inside), .08*inside*(rho < 1)) + rim
     ext = (np.abs(u)*rb + np.abs(n)*ra)*1.3
-    return sh, [c - ext - 1, c + ext + 1]
+    return sh, [c - ext - 1, c + ext + 1], pixels
 
 def _hardware(b:Bone, f, X, Y):
-    "Metal of a plate along bone `b` and the screws through it; returns (metal, corners)."
+    "Metal of a plate along bone `b` and the screws through it; returns (metal, corners, pixels)."
     u = np.subtract(b.b, b.a); L = max(math.hypot(*u), 1e-6); u = u/L; n = np.array([-u[1], u[0]])
     c = np.add(b.a, f['t']*L*u)
     al, ac = (X-c[0])*u[0] + (Y-c[1])*u[1], (X-c[0])*n[0] + (Y-c[1])*n[1]
@@ -378,18 +462,28 @@ def _hardware(b:Bone, f, X, Y):
     thread = .16*b.r*(1 + .3*np.sin(ac/(.07*b.r + .3)))
     screws = (np.clip(thread - np.abs(al[..., None] - pos).min(-1), 0, 1)
               * np.clip(1.35*b.r - np.abs(ac - f['side']*.2*b.r), 0, 1))
-    ext = np.abs(u)*hl + np.abs(n)*1.4*b.r
-    return 3.*np.maximum(plate, screws), [c - ext + n*f['side']*.1*b.r - 1, c + ext + n*f['side']*.1*b.r + 1]
+    ext, metal = np.abs(u)*hl + np.abs(n)*1.4*b.r, 3.*np.maximum(plate, screws)
+    pixels = (metal > 0) & (np.abs(al) <= hl) & (np.abs(ac - f['side']*.1*b.r) <= 1.4*b.r)
+    return metal, [c - ext + n*f['side']*.1*b.r - 1, c + ext + n*f['side']*.1*b.r + 1], pixels
 
 # %% ../nbs/01_synth.ipynb #f5460901
-def _growth_plates(b:Bone, sh, X, Y):
-    "Lucent bands across the flared ends of a young patient's long bone."
+def _plate_bands(b:Bone, X, Y):
+    "Position across each growth plate of bone `b` and the plate's width, for each end flared enough to have one."
     for t, fl in ((.1, b.fa), (.9, b.fb)):
         if fl < 1.35 or math.dist(b.a, b.b) < 6*b.r: continue
         u = np.subtract(b.b, b.a)/math.dist(b.a, b.b); c = np.add(b.a, t*np.subtract(b.b, b.a))
-        al = (X-c[0])*u[0] + (Y-c[1])*u[1] + .15*b.r*np.sin(((X-c[0])*u[1] - (Y-c[1])*u[0])/b.r)
-        sh = sh*(1 - .6*np.exp(-(al/(.12*b.r + .6))**2))
+        yield (X-c[0])*u[0] + (Y-c[1])*u[1] + .15*b.r*np.sin(((X-c[0])*u[1] - (Y-c[1])*u[0])/b.r), .12*b.r + .6
+
+def _growth_plates(b:Bone, sh, X, Y):
+    "Lucent bands across the flared ends of a young patient's long bone."
+    for al, width in _plate_bands(b, X, Y): sh = sh*(1 - .6*np.exp(-(al/width)**2))
     return sh
+
+def _plate_pixels(b:Bone, X, Y) -> np.ndarray:
+    "Where the growth plates of bone `b` darken it by at least half their depth."
+    out = np.zeros(np.broadcast_shapes(X.shape, Y.shape), bool)
+    for al, width in _plate_bands(b, X, Y): out |= np.exp(-(al/width)**2) >= .5
+    return out
 
 def _ring(b:Bone, X, Y):
     "Metal of a finger ring around bone `b`."
@@ -397,43 +491,91 @@ def _ring(b:Bone, X, Y):
     al, ac = (X-c[0])*u[0] + (Y-c[1])*u[1], (X-c[0])*u[1] - (Y-c[1])*u[0]
     return 2.5*np.clip(.25*b.r - np.abs(al), 0, 1)*np.clip(2.2*b.r - np.abs(ac), 0, 1)
 
+# %% ../nbs/01_synth.ipynb #820bedef
+TISSUES = ('background', 'soft_tissue', 'bone', 'joint', 'finding', 'hardware', 'marker', 'growth_plate', 'ring')
+
+# %% ../nbs/01_synth.ipynb #653a5f0d
+_COVER = ('soft_tissue', 'joint', 'bone', 'growth_plate', 'ring', 'finding', 'hardware', 'background', 'marker')
+
+def _label_codes(masks:dict) -> np.ndarray:
+    "One `TISSUES` code per pixel from the classes' masks (None: absent); a later class in `_COVER` covers an earlier."
+    codes = np.zeros(next(m for m in masks.values() if m is not None).shape, np.uint8)
+    for name in _COVER:
+        if masks.get(name) is not None: codes[masks[name]] = TISSUES.index(name)
+    return codes
+
+# %% ../nbs/01_synth.ipynb #e5faec3b
+JOINT_REACH, JOINT_TOUCH = .07, .01  # canonical units: the widest gap between facing ends, and between any two ends
+
+def _caps(bones:list) -> list:
+    "(bone index, centre, radius, outward direction or None for a bone as short as it is wide) of every bone end."
+    caps = []
+    for i, b in enumerate(bones):
+        d = np.subtract(b.b, b.a); L = max(math.hypot(*d), 1e-6); u = d/L
+        ra, rb = b.r*b.fa, b.r*b.fb; k = min(1., .45*L/max(ra+rb, 1e-6))  # where `_bone_shadow` centres the caps
+        round_ = L <= ra + rb
+        caps += [(i, np.add(b.a, u*ra*k), ra, None if round_ else -u),
+                 (i, np.subtract(b.b, u*rb*k), rb, None if round_ else u)]
+    return caps
+
+def _joints(bones:list, shape:tuple, sc:float) -> np.ndarray:
+    "Pixels between bone ends that face each other across at most `JOINT_REACH`, or lie within `JOINT_TOUCH`."
+    im = Image.new('1', shape[::-1], 0); draw = ImageDraw.Draw(im)
+    for (i, p, r, up), (j, q, s, uq) in combinations(_caps(bones), 2):
+        v = np.subtract(q, p); dist = max(math.hypot(*v), 1e-6); gap = (dist - r - s)/sc
+        facing = all(w is None or w @ x/dist >= .5 for w, x in ((up, v), (uq, -v)))
+        if i == j or gap > (JOINT_REACH if facing else JOINT_TOUCH): continue
+        w = min(r, s)  # a band of width 2w from cap centre to cap centre, round at both ends
+        draw.line([tuple(p), tuple(q)], fill=1, width=max(1, round(2*w)))
+        for x, y in (p, q): draw.ellipse([x - w, y - w, x + w, y + w], fill=1)
+    return np.asarray(im)
+
 # %% ../nbs/01_synth.ipynb #b2e00a5e
-def _anatomy_shadows(part, tr, lat, fs, size, rng):
-    "Attenuation of soft tissue, bone and metal of one view, and the boxes of its findings."
+def _anatomy_shadows(part, tr, lat, fs, size, rng, anatomy=False):
+    "Attenuation of soft tissue, bone and metal of one view, the boxes of its findings, and (`anatomy`) class masks."
     shape, f, sc = _view_map(part, tr, size, rng)
     bones, soft = ANATOMY[part](tr, lat)
     A, boxes = np.zeros(shape, np.float32), []
     S = np.zeros(shape, np.float32)
+    drawn = ('bone', 'growth_plate', 'ring', 'finding', 'hardware')  # the classes the bones mark
+    masks = {k: np.zeros(shape, bool) for k in drawn} if anatomy else None
     for a, b, R in soft:
         if (g := _region([f(a), f(b)], R*sc, shape)) is None: continue
-        _, d, _ = _axes(f(a), f(b), g[1], g[2])
+        _, d = _axes(f(a), f(b), g[1], g[2])
         S[g[0]] = np.maximum(S[g[0]], np.sqrt(np.clip(1 - (d/(R*sc))**2, 0, 1)))
     grain = rng.normal(0, 1, (shape[0]//8 + 2, shape[1]//8 + 2)).astype(np.float32)
     tex = ndimage.zoom(grain, 8, order=1)[:shape[0], :shape[1]]
-    for b in (_to_px(b, f, sc) for b in bones):
-        A, S = _bone_into(A, S, b, fs, tr, sc, tex, boxes)
-    return A + tr['soft']*S, boxes
+    px = [_to_px(b, f, sc) for b in bones]
+    for b in px: A, S = _bone_into(A, S, b, fs, tr, sc, tex, boxes, masks)
+    if anatomy: masks['soft_tissue'] = S >= .05; masks['joint'] = _joints(px, shape, sc) & masks['soft_tissue']
+    return A + tr['soft']*S, boxes, masks
 
 # %% ../nbs/01_synth.ipynb #3075a3d2
-def _bone_into(A, S, b, fs, tr, sc, tex, boxes):
-    "Add bone `b`, with its findings and incidental details, to the attenuation `A`; swell `S` around fractures."
+def _bone_into(A, S, b, fs, tr, sc, tex, boxes, masks=None):
+    "Add bone `b`, with its findings and incidental details, to the attenuation `A` and the class `masks`; swell `S`."
     mine = [x for x in fs if x['bone'] == b.name]
     if (g := _region([b.a, b.b], b.r*max(b.fa, b.fb, 1.)*(2.5 if mine else 1.) + 4, A.shape)) is None: return A, S
     reg, X, Y = g
-    sh = _bone_shadow(b, X, Y)
+    sh, at = _bone_shadow(b, X, Y), {k: v[reg] for k, v in (masks or {}).items()}  # views: `at` marks `masks`
     for x in mine:
         if x['kind'] == 'fracture':
-            sh, corners = _fracture(b, x, sc, X, Y)
+            sh, corners, px = _fracture(b, x, sc, X, Y)
             S = _swelling(S, np.add(b.a, x['t']*np.subtract(b.b, b.a)), amp=x['swell'], sd=max(3*b.r, .05*sc))
-        elif x['kind'] == 'lesion': sh, corners = _lesion(b, x, sc, X, Y)
+        elif x['kind'] == 'lesion': sh, corners, px = _lesion(b, x, sc, X, Y)
         else: continue
         boxes.append((corners, x['kind']))
+        if at: at['finding'] |= px
     if tr['young']: sh = _growth_plates(b, sh, X, Y)
     A[reg] += tr['bone']*sh*(1 + .08*tex[reg])
+    if at: at['bone'] |= sh > .02
+    if at and tr['young']: at['growth_plate'] |= _plate_pixels(b, X, Y) & (sh > .02)
     for x in mine:
         if x['kind'] == 'hardware':
-            metal, corners = _hardware(b, x, X, Y); A[reg] += metal; boxes.append((corners, 'hardware'))
-    if tr['ring'] and b.name in ('p1', 'p1_4'): A[reg] += _ring(b, X, Y)
+            metal, corners, px = _hardware(b, x, X, Y); A[reg] += metal; boxes.append((corners, 'hardware'))
+            if at: at['hardware'] |= px
+    if tr['ring'] and b.name in ('p1', 'p1_4'):
+        ring = _ring(b, X, Y); A[reg] += ring
+        if at: at['ring'] |= ring > 0
     return A, S
 
 # %% ../nbs/01_synth.ipynb #d168085c
@@ -446,23 +588,23 @@ def _swelling(S, c, amp, sd):
 
 # %% ../nbs/01_synth.ipynb #0e744218
 def _film(A, tr, rng, size):
-    "Brightness of the film from attenuation: exposure, heel effect, collimation, blur and noise."
+    "Film brightness from attenuation (exposure, heel effect, collimation, blur, noise), and the collimated pixels."
     H, W = A.shape
     img = 1 - np.exp(-rng.uniform(1.1, 1.6)*A)
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    yy, xx = np.arange(H, dtype=np.float32)[:, None], np.arange(W, dtype=np.float32)[None]  # broadcast, not full grids
     heel = 1 + rng.uniform(-.12, .12)*(yy/H - .5) + rng.uniform(-.08, .08)*(xx/W - .5)
-    img = rng.uniform(.02, .1) + rng.uniform(.8, 1.)*img*heel
+    img, out = rng.uniform(.02, .1) + rng.uniform(.8, 1.)*img*heel, None
     if rng.random() < .35:
         m = (rng.uniform(.01, .05, 4)*[W, H, W, H]).astype(int)
         out = (xx < m[0]) | (yy < m[1]) | (xx >= W - m[2]) | (yy >= H - m[3])
         img = np.where(out, rng.uniform(.05, .45), img)
     img = ndimage.gaussian_filter(img, rng.uniform(.4, 1.)*size/320)
     img = img + rng.normal(0, rng.uniform(.008, .03), img.shape)*np.sqrt(np.clip(img, .05, 1))
-    return (np.clip(img, 0, 1)**rng.uniform(.8, 1.25)*255).round().astype(np.uint8)
+    return (np.clip(img, 0, 1)**rng.uniform(.8, 1.25)*255).round().astype(np.uint8), out
 
 # %% ../nbs/01_synth.ipynb #d20cf220
-def _marker(img:np.ndarray, letter:str, tr, rng) -> Image.Image:
-    "The film with its L/R marker in the patient's corner and style."
+def _marker(img:np.ndarray, letter:str, tr, rng, anatomy:bool=False) -> tuple:
+    "The film with its L/R marker in the patient's corner and style; and (`anatomy`) the marker's pixels."
     im = Image.fromarray(img); H, W = img.shape
     px = max(8, round(max(H, W)*tr['mark']*rng.uniform(.9, 1.1)))
     font = ImageFont.load_default(size=px)
@@ -470,43 +612,66 @@ def _marker(img:np.ndarray, letter:str, tr, rng) -> Image.Image:
     pad = max(2, px//3)
     x = pad if tr['corner'] in (0, 2) else W - w - pad
     y = pad if tr['corner'] in (0, 1) else H - h - pad
-    d = ImageDraw.Draw(im)
-    if tr['boxed']: d.rectangle([x-pad//2, y-pad//2+y0, x+w+pad//2, y+h+pad//2], fill=tr['ink'])
-    d.text((x, y), letter, fill=10 if tr['boxed'] else tr['ink'], font=font)
-    return im
+    def draw(d, box_ink, text_ink):
+        if tr['boxed']: d.rectangle([x-pad//2, y-pad//2+y0, x+w+pad//2, y+h+pad//2], fill=box_ink)
+        d.text((x, y), letter, fill=text_ink, font=font)
+    draw(ImageDraw.Draw(im), tr['ink'], 10 if tr['boxed'] else tr['ink'])
+    if not anatomy: return im, None
+    mask = Image.new('L', im.size, 0); draw(ImageDraw.Draw(mask), 255, 255)
+    return im, np.asarray(mask) > 0
 
 # %% ../nbs/01_synth.ipynb #47bb7425
 def render_view(part:str, # body part, one of `BODY_PARTS`
                 findings:list=(), # from `study_findings`; only those listing `view` are drawn
                 size:int=320, # longest side of the field the image is fitted in
                 seed:int=0, pid:int=1, study:int=1, view:int=1, # what seeds the image
+                anatomy:bool=False, # also return the view's label map
                ) -> tuple:
-    "One synthetic radiograph (PIL 'L' image) and its findings' boxes as (x0, y0, x1, y1, kind)."
+    "One synthetic radiograph (PIL 'L' image), its findings' boxes as (x0, y0, x1, y1, kind) and (`anatomy`) label map."
     tr, rng = patient_traits(seed, pid), np.random.default_rng([seed, pid, BODY_PARTS.index(part), study, view, 4])
     fs = [f for f in findings if view in f['views']]
     lat = np.clip((0., 1., .5, .2)[(view-1) % 4] + rng.uniform(-.1, .1), 0, 1)
-    A, raw = _anatomy_shadows(part, tr, lat, fs, size, rng)
-    im = _marker(_film(A, tr, rng, size), tr['side'][part], tr, rng)
+    A, raw, masks = _anatomy_shadows(part, tr, lat, fs, size, rng, anatomy)
+    film, outside = _film(A, tr, rng, size)
+    im, marker = _marker(film, tr['side'][part], tr, rng, anatomy)
     H, W = A.shape
     boxes = []
     for corners, kind in raw:
         (x0, y0), (x1, y1) = np.floor(np.min(corners, 0)), np.ceil(np.max(corners, 0))
         x0, y0, x1, y1 = int(max(x0, 0)), int(max(y0, 0)), int(min(x1, W)), int(min(y1, H))
         if x1 > x0 and y1 > y0: boxes.append((x0, y0, x1, y1, kind))
-    return im, boxes
+    return (im, boxes, _label_codes(masks | dict(background=outside, marker=marker))) if anatomy else (im, boxes)
+
+# %% ../nbs/01_synth.ipynb #92b25d03
+ANATOMY_DIR = 'anatomy'  # the label maps' tree inside MURA-v1.1/, beside train/ and valid/
+
+def anatomy_path(image_path:Path|str, # an image: .../MURA-v1.1/<split>/XR_<PART>/<patient>/<study>/<image>.png
+                ) -> Path:
+    "Where the label map of an image lies: the same path under `MURA-v1.1/anatomy/`."
+    p = Path(image_path)
+    if len(p.parts) < 6 or not p.parts[-4].startswith('XR_') or p.suffix.lower() != '.png':
+        raise ValueError(f"{p} is not an image path of a MURA-v1.1 tree (MURA-v1.1/<split>/XR_<PART>/<patient>/"
+                         "<study>/<image>.png). Fix: pass a path as read_mura or the image CSVs give it.")
+    return p.parents[4]/ANATOMY_DIR/p.relative_to(p.parents[4])
 
 # %% ../nbs/01_synth.ipynb #69aef84d
+def _save_png(p:Path, im:Image.Image, **kwargs):
+    "Save `im` as the PNG `p` (PIL's PNG options in `kwargs`), renamed into place whole."
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(p) as tmp: im.save(tmp, format='PNG', **kwargs)
+
 def _write_image(job) -> tuple:
-    "Render and save one planned image, renamed into place whole; return its path and its boxes."
-    root, size, seed, rgb_rate, r = job
+    "Render one planned image; save it (if `image`, at zlib `level`) and its label map (if `anatomy`): path, boxes."
+    root, size, seed, rgb_rate, anatomy, image, level, r = job
     fs = study_findings(seed=seed, pid=r['pid'], part=r['body_part'], study=r['study'], findings=r['findings'],
                         n_views=r['n_views'])
-    im, boxes = render_view(r['body_part'], fs, size=size, seed=seed, pid=r['pid'], study=r['study'], view=r['view'])
+    out = render_view(r['body_part'], fs, size=size, seed=seed, pid=r['pid'], study=r['study'], view=r['view'],
+                      anatomy=anatomy)
+    im, boxes, p = out[0], out[1], Path(root)/r['path']
     rgb = np.random.default_rng([seed, r['pid'], BODY_PARTS.index(r['body_part']), r['study'], r['view'], 5]).random()
     if rgb < rgb_rate: im = im.convert('RGB')
-    p = Path(root)/r['path']
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(p) as tmp: im.save(tmp, format='PNG')
+    if image: _save_png(p, im, **({} if level is None else dict(compress_level=level)))
+    if anatomy: _save_png(anatomy_path(p), Image.fromarray(out[2]), compress_level=1)
     return r['path'], [list(b) for b in boxes]
 
 # %% ../nbs/01_synth.ipynb #4c0f1d02
@@ -617,6 +782,14 @@ def _resume(root:Path, settings:dict) -> dict:
     return {p: b for p, b in _written(root).items() if _png_complete(root.parent/p)}
 
 # %% ../nbs/01_synth.ipynb #141887ab
+def _jobs(root:Path, plan:pd.DataFrame, done:dict, settings:dict, anatomy:bool) -> list:
+    "`_write_image` jobs for the images of `plan` that `root` lacks, and for the label maps it lacks (if `anatomy`)."
+    labelled = {p for p in done if _png_complete(anatomy_path(root.parent/p))} if anatomy else set(done)
+    level = 1 if 'like' in settings else None  # a MURA-sized set: zlib's fastest level, the same pixels
+    s = settings
+    return [(str(root.parent), s['size'], s['seed'], s['rgb_rate'], anatomy, r['path'] not in done, level, r)
+            for r in plan.to_dict('records') if r['path'] not in labelled]
+
 def make_mura(dest:Path|str, # folder to write `MURA-v1.1/` into
               n_patients:int=200, # patients in train and valid together
               size:int=512, # longest image side in pixels (MURA: at most 512)
@@ -624,14 +797,18 @@ def make_mura(dest:Path|str, # folder to write `MURA-v1.1/` into
               n_workers:int=2, # processes rendering images (0: this process)
               rgb_rate:float=.03, # share of images saved as RGB (grey in three channels)
               progress:bool=True, # show a progress bar
+              anatomy:bool=True, # also write each image's label map (`anatomy_path`)
+              like:str|None=None, # a key of `LIKE` ('mura-v1.1'): that dataset's counts, instead of `n_patients`
              ) -> Path:
     "Write, or finish writing, a synthetic dataset in the MURA-v1.1 layout under `dest`; return the `MURA-v1.1` folder."
-    settings = synth_settings(n_patients, size, seed, rgb_rate)
+    plan = None if like is None else plan_like(like, seed)
+    settings = synth_settings(n_patients if plan is None else plan.pid.nunique(), size, seed, rgb_rate)
+    settings |= {} if like is None else dict(like=like)
     if not (isinstance(n_workers, numbers.Integral) and n_workers >= 0):
         raise ValueError(f"make_mura: n_workers={n_workers!r}: need a whole number >= 0.")
     root = Path(dest)/'MURA-v1.1'
-    done, plan = _resume(root, settings), plan_mura(n_patients, seed)
-    jobs = [(str(Path(dest)), size, seed, rgb_rate, r) for r in plan.to_dict('records') if r['path'] not in done]
+    done, plan = _resume(root, settings), plan_mura(n_patients, seed) if plan is None else plan
+    jobs = _jobs(root, plan, done, settings, anatomy)
     desc = f"synthetic MURA ({len(jobs)} images)" + (f", {len(done)} already written" if done else '')
     with open(root/JOURNAL, 'a') as journal:
         for path, boxes in _rendered(jobs, n_workers, desc, progress):
@@ -674,3 +851,44 @@ def example_grid(root:Path, # a `MURA-v1.1` folder written by `make_mura`
     fig.tight_layout()
     plt.close(fig)  # shown once, as the caller's value; left open, the inline backend would show it again
     return fig
+
+# %% ../nbs/01_synth.ipynb #08fccd2a
+TISSUE_COLOURS = ('black', 'sienna', 'white', 'deepskyblue', 'red', 'gold', 'magenta', 'limegreen', 'darkorange')
+
+def anatomy_figure(root:Path, # a `MURA-v1.1` folder written by `make_mura`
+                   n:int=4, # images shown: those with a finding, one per body part
+                  ):
+    "A matplotlib figure of images (with their boxes) over their label maps, and a legend of `TISSUES`."
+    boxes = pd.read_csv(root/'lesion_boxes.csv')
+    paths = list(boxes.assign(part=boxes.path.str.split('/').str[2]).drop_duplicates('part').path[:n])
+    fig, axs = plt.subplots(2, max(1, len(paths)), figsize=(2.4*max(1, len(paths)), 5.2), squeeze=False)
+    for ax in axs.flat: ax.axis('off')
+    for j, p in enumerate(paths):
+        axs[0, j].imshow(Image.open(root.parent/p).convert('L'), cmap='gray', vmin=0, vmax=255)
+        axs[1, j].imshow(np.asarray(Image.open(anatomy_path(root.parent/p))), cmap=ListedColormap(TISSUE_COLOURS),
+                         vmin=-.5, vmax=len(TISSUES) - .5, interpolation='nearest')
+        for b in boxes[boxes.path == p].itertuples():
+            for ax in axs[:, j]:
+                box = mpatches.Rectangle((b.x0 - .5, b.y0 - .5), b.x1-b.x0, b.y1-b.y0, fill=False, ec='red', lw=.8)
+                ax.add_patch(box)
+        axs[0, j].set_title(p.split('/')[2][3:].lower(), fontsize=8)
+    fig.legend(handles=[mpatches.Patch(fc=c, ec='grey', label=t) for t, c in zip(TISSUES, TISSUE_COLOURS)],
+               loc='lower center', ncol=5, fontsize=7, frameon=False)
+    fig.suptitle('Images with their findings\' boxes (top) and their label maps (bottom)', fontsize=10)
+    fig.tight_layout(rect=(0, .08, 1, 1))
+    plt.close(fig)  # shown once, as the caller's value
+    return fig
+
+# %% ../nbs/01_synth.ipynb #8761eacd
+def box_alignment(root:Path, # a `MURA-v1.1` folder written by `make_mura`
+                 ) -> pd.DataFrame:
+    "Per image with boxes: finding and hardware pixels outside its boxes of their kind; boxes holding neither."
+    rows = []
+    for p, g in pd.read_csv(root/'lesion_boxes.csv').groupby('path'):
+        lab = np.asarray(Image.open(anatomy_path(root.parent/p)))
+        inside = {k: np.zeros(lab.shape, bool) for k in ('finding', 'hardware')}
+        for b in g.itertuples(): inside['hardware' if b.kind == 'hardware' else 'finding'][b.y0:b.y1, b.x0:b.x1] = True
+        code = {k: lab == TISSUES.index(k) for k in inside}
+        empty = sum(not (code['finding'] | code['hardware'])[b.y0:b.y1, b.x0:b.x1].any() for b in g.itertuples())
+        rows.append(dict(path=p, stray=sum(int((code[k] & ~inside[k]).sum()) for k in inside), empty_boxes=empty))
+    return pd.DataFrame(rows, columns=['path', 'stray', 'empty_boxes'])

@@ -483,3 +483,53 @@ def test_batched_cache_reads_give_the_same_batches_as_item_by_item(synth_df, tmp
     for (x, y), (x0, y0) in zip(got, want):
         assert type(x) is type(x0) and type(y) is type(y0)
         assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+# ---- label maps in the model's square
+def test_label_maps_map_through_load_greys_geometry_as_the_boxes_do(synth):
+    from mura_study.interpret import boxes_to_model, box_mask
+    from mura_study.synth import TISSUES
+    boxes = read_boxes(synth)
+    paths = list(boxes.path.drop_duplicates()[:12])
+    for size in (64, 128, 224):
+        masks = data.anatomy_masks(paths, size)
+        assert masks.shape == (len(paths), size, size) and masks.dtype == np.uint8
+        model_boxes = boxes_to_model(boxes[boxes.path.isin(paths)], size)
+        for m, p in zip(masks, paths):
+            shown = np.isin(m, [TISSUES.index('finding'), TISSUES.index('hardware')])
+            assert shown.any() and not (shown & ~box_mask(model_boxes[model_boxes.path == p], size)).any(), (p, size)
+            grey = np.asarray(load_grey(p, size))
+            rows, cols = np.nonzero(grey.max(1))[0], np.nonzero(grey.max(0))[0]  # the image's part of the square
+            outside = np.ones((size, size), bool); outside[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = False
+            assert (m[outside] == 0).all()  # the padding is background
+
+
+def test_label_maps_keep_codes_by_nearest_neighbour(synth):
+    from mura_study.synth import anatomy_path
+    p = read_mura(synth, progress=False).path[0]
+    stored = set(np.unique(np.asarray(Image.open(anatomy_path(p)))).tolist())
+    assert set(np.unique(data.anatomy_masks([p], 37)).tolist()) <= stored  # no code blended from two neighbours
+
+
+def test_rgb_images_get_one_channel_label_maps(synth):
+    df = read_mura(synth, progress=False)
+    rgb = [p for p in df.path if Image.open(p).mode == 'RGB']
+    assert rgb and data.anatomy_masks(rgb, 48).shape == (len(rgb), 48, 48)
+
+
+def test_a_real_mura_has_no_label_maps_and_says_so(mura, synth):
+    paths = list(read_mura(mura, progress=False).path)
+    assert not data.has_anatomy(paths) and data.has_anatomy(read_mura(synth, progress=False).path)
+    with pytest.raises(FileNotFoundError, match='real MURA has none') as e: data.anatomy_masks(paths, 32)
+    assert 'anatomy' in str(e.value) and paths[0] in str(e.value)
+
+
+def test_a_label_map_that_does_not_fit_its_image_is_refused(synth, tmp_path):
+    import shutil
+    from mura_study.synth import anatomy_path
+    root = tmp_path/'copy'; shutil.copytree(synth.parent, root)
+    p = read_mura(root, progress=False).path[0]
+    Image.new('L', (5, 5)).save(anatomy_path(p))
+    with pytest.raises(ValueError, match='does not fit its image'): data.anatomy_masks([p], 32)
+    Image.new('L', Image.open(p).size, 200).save(anatomy_path(p))
+    with pytest.raises(ValueError, match='not one of synth.TISSUES'): data.anatomy_masks([p], 32)

@@ -58,7 +58,8 @@ def test_two_workers_starting_a_new_run_share_one_synthetic_set(tmp_path):
     assert outs[0][0] == outs[1][0]
     mura = Path(outs[0][0].strip())
     listed = sum(len((mura / f"{s}_image_paths.csv").read_text().split()) for s in ("train", "valid"))
-    assert listed > 0 and len(list(mura.rglob("*.png"))) == listed
+    assert listed > 0 and len(list(mura.glob("*/XR_*/*/*/*.png"))) == listed  # radiographs, not label maps
+    assert len(list((mura / "anatomy").rglob("*.png"))) == listed  # and one label map each
 
 
 def test_tune_workers_draw_their_own_sampler_seed_unless_given():

@@ -1,4 +1,4 @@
-"Synthetic MURA: determinism, the real MURA-v1.1 CSV rules, boxes, splits and image properties."
+"Synthetic MURA: determinism, the real MURA-v1.1 CSV rules, boxes, label maps, splits and image properties."
 import hashlib, re
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mura_study.synth import BODY_PARTS, make_mura, plan_mura
+from mura_study.synth import BODY_PARTS, TISSUES, anatomy_path, make_mura, plan_mura, render_view, study_findings
 
 N, SIZE = 60, 96
 
@@ -20,6 +20,11 @@ def digest(root: Path) -> dict:
 @pytest.fixture(scope='module')
 def mura(tmp_path_factory) -> Path:
     return make_mura(tmp_path_factory.mktemp('a'), N, SIZE, seed=0, progress=False)
+
+
+def images(root: Path) -> list:
+    "The radiographs of a set, without its label maps."
+    return sorted(root.glob('*/XR_*/*/*/*.png'))
 
 
 def lines(root: Path, name: str) -> list:
@@ -78,7 +83,7 @@ def test_study_csv_follows_mura_rules(mura, split):
 
 def test_every_image_file_is_listed(mura):
     listed = set(lines(mura, 'train_image_paths.csv') + lines(mura, 'valid_image_paths.csv'))
-    on_disk = {str(p.relative_to(mura.parent)) for p in mura.rglob('*.png')}
+    on_disk = {str(p.relative_to(mura.parent)) for p in images(mura)}
     assert on_disk == listed
 
 
@@ -106,7 +111,7 @@ def test_most_abnormal_images_carry_a_box(mura):
 
 def test_images_are_at_most_size_mostly_grey_some_rgb(mura):
     modes = []
-    for p in mura.rglob('*.png'):
+    for p in images(mura):
         im = Image.open(p)
         assert max(im.size) <= SIZE and min(im.size) >= SIZE//3
         modes.append(im.mode)
@@ -164,3 +169,145 @@ def test_each_finding_visibly_changes_its_box_at_128_px(kind):
             x0, y0, x1, y1, _ = (np.array(boxes[0][:4])*k).round().astype(int).tolist() + [kind]
             changed = np.abs(small[0] - small[1])[y0:y1, x0:x1] > 30
             assert changed.sum() >= 10, (part, pid, changed.sum())
+
+
+# ---------------------------------------------------------------- label maps
+
+def test_every_file_is_an_image_a_label_map_or_a_csv(mura):
+    others = [p for p in mura.rglob('*') if p.is_file() and p.suffix != '.csv' and p.name != '.synth.json']
+    assert sorted(others) == sorted(images(mura) + [anatomy_path(p) for p in images(mura)])
+
+
+def test_label_maps_leave_the_images_byte_for_byte_as_without_them(mura, tmp_path):
+    plain = make_mura(tmp_path, N, SIZE, seed=0, anatomy=False, progress=False)
+    assert not (plain/'anatomy').exists()
+    assert {k: v for k, v in digest(mura).items() if not k.startswith('anatomy/')} == digest(plain)
+    fs = study_findings(seed=0, pid=5, part='WRIST', study=1, findings='fracture+hardware', n_views=1)
+    with_map = render_view('WRIST', fs, size=200, pid=5, anatomy=True)
+    without = render_view('WRIST', fs, size=200, pid=5)
+    assert with_map[0].tobytes() == without[0].tobytes() and with_map[1] == without[1] and len(with_map) == 3
+
+
+def test_each_image_has_a_one_channel_label_map_of_its_size_with_known_codes(mura):
+    modes = set()
+    for p in images(mura):
+        im, lab = Image.open(p), Image.open(anatomy_path(p))
+        modes.add(im.mode)
+        assert lab.mode == 'L' and lab.size == im.size, p
+        codes = np.unique(np.asarray(lab))
+        assert codes.max() < len(TISSUES) and {0, 1, 2} <= set(codes.tolist()), (p, codes)
+    assert modes == {'L', 'RGB'}  # RGB images too get one channel of codes
+
+
+def box_check(lab: np.ndarray, boxes: list) -> tuple:
+    "Finding and hardware pixels outside their kind's boxes, and the boxes that hold neither."
+    inside = {k: np.zeros(lab.shape, bool) for k in ('finding', 'hardware')}
+    for x0, y0, x1, y1, kind in boxes: inside['hardware' if kind == 'hardware' else 'finding'][y0:y1, x0:x1] = True
+    code = {k: lab == TISSUES.index(k) for k in inside}
+    stray = sum(int((code[k] & ~inside[k]).sum()) for k in inside)
+    empty = [b for b in boxes if not (code['finding'] | code['hardware'])[b[1]:b[3], b[0]:b[2]].any()]
+    return stray, empty
+
+
+def test_finding_pixels_lie_in_their_boxes_and_every_box_holds_some(mura):
+    "The rule: every finding (hardware) pixel is inside a fracture or lesion (hardware) box; no box is without one."
+    table = pd.read_csv(mura/'lesion_boxes.csv')
+    assert len(table)
+    for p in images(mura):
+        rel = str(p.relative_to(mura.parent))
+        boxes = [(b.x0, b.y0, b.x1, b.y1, b.kind) for b in table[table.path == rel].itertuples()]
+        lab = np.asarray(Image.open(anatomy_path(p)))
+        assert box_check(lab, boxes) == (0, []), rel
+        if not boxes: assert not np.isin(lab, [TISSUES.index('finding'), TISSUES.index('hardware')]).any(), rel
+
+
+@pytest.mark.parametrize('size', [64, 512])
+@pytest.mark.parametrize('kind', ['fracture', 'lesion', 'hardware'])
+def test_finding_pixels_lie_in_their_boxes_at_any_size(kind, size):
+    for part in BODY_PARTS:
+        for pid in range(1, 6):
+            fs = [f | dict(views=(1, 2)) for f in study_findings(seed=0, pid=pid, part=part, study=1, findings=kind,
+                                                                 n_views=2)]
+            im, boxes, lab = render_view(part, fs, size=size, pid=pid, view=1 + pid % 2, anatomy=True)
+            assert lab.shape == im.size[::-1] and lab.dtype == np.uint8
+            assert boxes and box_check(lab, boxes) == (0, []), (part, pid)
+
+
+def test_incidental_details_get_their_own_classes():
+    from mura_study.synth import patient_traits
+    young = next(p for p in range(1, 500) if patient_traits(0, p)['young'])
+    ringed = next(p for p in range(1, 500) if patient_traits(0, p)['ring'])
+    codes = lambda part, pid: set(np.unique(render_view(part, size=256, pid=pid, anatomy=True)[2]).tolist())
+    assert TISSUES.index('growth_plate') in codes('FOREARM', young)
+    assert TISSUES.index('ring') in codes('FINGER', ringed)
+    seen = set().union(*(codes(part, 1) for part in BODY_PARTS))
+    assert {TISSUES.index(k) for k in ('background', 'soft_tissue', 'bone', 'joint', 'marker')} <= seen
+
+
+def test_a_rerun_adds_missing_label_maps_and_leaves_the_images_untouched(mura, tmp_path):
+    plain = make_mura(tmp_path, N, SIZE, seed=0, anatomy=False, progress=False)
+    stamps = {p: p.stat().st_mtime_ns for p in images(plain)}
+    again = make_mura(tmp_path, N, SIZE, seed=0, progress=False)
+    assert digest(again) == digest(mura)
+    assert {p: p.stat().st_mtime_ns for p in images(plain)} == stamps  # only the label maps were written
+    first = anatomy_path(images(again)[0])
+    first.write_bytes(first.read_bytes()[:-1])                            # a label map cut short
+    assert digest(make_mura(tmp_path, N, SIZE, seed=0, progress=False)) == digest(mura)
+
+
+def test_anatomy_path_mirrors_the_image_tree_and_refuses_other_paths():
+    p = 'MURA-v1.1/valid/XR_ELBOW/patient11190/study1_positive/image3.png'
+    assert anatomy_path(p) == Path('MURA-v1.1/anatomy/valid/XR_ELBOW/patient11190/study1_positive/image3.png')
+    for bad in ('image1.png', 'MURA-v1.1/train_image_paths.csv', 'a/b/c/d/e/f.png'):
+        with pytest.raises(ValueError, match='not an image path'): anatomy_path(bad)
+
+
+# ---------------------------------------------------------------- a set of MURA's size
+
+@pytest.fixture(scope='module')
+def like_plan() -> pd.DataFrame:
+    from mura_study.synth import plan_like
+    return plan_like('mura-v1.1', seed=0)
+
+
+def test_the_mura_plan_has_the_published_counts_exactly(like_plan):
+    from mura_study.synth import LIKE
+    studies = like_plan.drop_duplicates(['split', 'pid', 'body_part', 'study'])
+    got = {s: (d.pid.nunique(), int((studies.split == s).sum()), len(d)) for s, d in like_plan.groupby('split')}
+    assert got == dict(train=(11184, 13457, 36808), valid=(783, 1199, 3197))
+    train = like_plan[like_plan.split == 'train'].groupby(['body_part', 'label']).size()
+    assert {p: (int(train[p, 1]), int(train[p, 0])) for p in BODY_PARTS} == LIKE['mura-v1.1']['train']['images']
+    valid = like_plan[like_plan.split == 'valid']
+    assert valid.body_part.value_counts().to_dict() == LIKE['mura-v1.1']['valid']['images']
+    assert int(valid.label.sum()) == 1530 and int((valid.label == 0).sum()) == 1667
+
+
+def test_the_mura_plan_follows_the_layout_rules(like_plan):
+    assert like_plan.path.is_unique and like_plan.groupby('patient').split.nunique().max() == 1
+    assert like_plan.pid[like_plan.split == 'valid'].min() == 11185  # MURA's valid patients follow its train ones
+    views = like_plan.groupby(['pid', 'body_part', 'study']).view.agg(['min', 'max', 'size'])
+    assert (views['min'] == 1).all() and (views['max'] == views['size']).all() and views['max'].max() <= 4
+    st = like_plan.drop_duplicates(['pid', 'body_part', 'study'])
+    assert ((st.findings != '') == (st.label == 1)).all()
+    assert like_plan.path.str.contains('_positive/').eq(like_plan.label == 1).all()
+
+
+def test_the_mura_plan_is_seeded(like_plan):
+    from mura_study.synth import plan_like
+    with pytest.raises(ValueError, match='choose one of mura-v1.1'): plan_like('mura-v2')
+    assert not plan_like('mura-v1.1', seed=1).findings.equals(like_plan.findings)
+
+
+def test_a_slice_of_the_mura_sized_set_renders_at_mura_sizes(like_plan):
+    for r in like_plan[like_plan.label == 1].groupby('body_part').head(1).itertuples():
+        fs = study_findings(seed=0, pid=r.pid, part=r.body_part, study=r.study, findings=r.findings, n_views=r.n_views)
+        im, boxes, lab = render_view(r.body_part, fs, size=512, seed=0, pid=r.pid, study=r.study, view=r.view,
+                                     anatomy=True)
+        assert 360 <= max(im.size) <= 512 and min(im.size) >= 150 and lab.shape == im.size[::-1], (r.path, im.size)
+        assert all(0 <= b[0] < b[2] <= im.size[0] and 0 <= b[1] < b[3] <= im.size[1] for b in boxes)
+
+
+def test_a_mura_sized_set_is_not_mixed_into_another_sets_folder(mura):
+    with pytest.raises(FileExistsError, match='like=mura-v1.1'):
+        make_mura(mura.parent, like='mura-v1.1', progress=False)
+    with pytest.raises(ValueError, match="like='MURA'"): make_mura(mura.parent, like='MURA', progress=False)
