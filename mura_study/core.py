@@ -203,11 +203,13 @@ def run_data(rd:Path, # the run folder
         raise ValueError(f"Profile {prof.name!r} needs real data: pass --data /path/to/MURA-v1.1.")
     done = Path(rd)/'data'/'.complete'
     with filelock.FileLock(Path(rd)/'.data.lock'):  # a second worker waits here, then finds the set complete
-        if not done.exists():
+        # a set made before label maps existed gets them on its next run: its images are left as they are
+        if not done.exists() or not json.loads(done.read_text()).get('anatomy'):
             from mura_study.synth import make_mura  # synth builds on core: imported when a set is made
             make_mura(Path(rd)/'data', n_patients=prof.n_patients, size=prof.synth_side, seed=seed)
             with atomic_write(done) as t:  # a marker half written by a kill must not pass for a complete set
-                t.write_text(json.dumps(dict(n_patients=prof.n_patients, size=prof.synth_side, seed=seed)))
+                t.write_text(json.dumps(dict(n_patients=prof.n_patients, size=prof.synth_side, seed=seed,
+                                             anatomy=True)))
     return Path(rd)/'data'/'MURA-v1.1'
 
 # %% ../nbs/00_core.ipynb #0f64c9e1

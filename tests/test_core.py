@@ -47,3 +47,19 @@ def test_torch_threads_gives_the_count_back_when_the_block_fails():
             assert torch.get_num_threads() == before + 1
             raise RuntimeError("a benchmark that failed")
     assert torch.get_num_threads() == before
+
+
+def test_a_synthetic_set_made_before_label_maps_gets_them_on_its_next_run_with_its_images_untouched(tmp_path):
+    import dataclasses, hashlib, json, shutil
+    from mura_study.core import profile, run_data
+    prof = dataclasses.replace(profile('ci'), n_patients=4)
+    mura = run_data(tmp_path, prof)
+    done = tmp_path/'data'/'.complete'
+    images = sorted(mura.glob('*/XR_*/*/*/*.png'))
+    digest = lambda: [hashlib.sha256(p.read_bytes()).hexdigest() for p in images]
+    before = digest()
+    shutil.rmtree(mura/'anatomy')  # the set as an older version left it
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != 'anatomy'}))
+    assert run_data(tmp_path, prof) == mura
+    assert digest() == before and len(list((mura/'anatomy').rglob('*.png'))) == len(images) > 0
+    assert json.loads(done.read_text())['anatomy'] is True
