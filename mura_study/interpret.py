@@ -28,18 +28,20 @@ import timm
 from .core import *
 from .data import GREY_MEAN, GREY_STD, load_grey, to_batch, read_boxes, protocol
 from .metrics import bootstrap_ci
+from .synth import TISSUES
 from .learner import (MuraModel, evaluating, fit_evaluate, gradcam_layer, inference_model, load_model,
                                 mura_model, save_model)
 
 # %% auto #0
-__all__ = ['METHODS', 'CASCADE_METHODS', 'SCORES', 'CASES', 'TITLES', 'model_size', 'as_images', 'unit_maps', 'model_name',
-           'model_device', 'batches', 'target_layer', 'gradcam', 'saliency', 'gradcam_saliency', 'segment',
-           'BatchedLimeExplainer', 'best_batch_size', 'predict_probs', 'lime_classifier', 'lime', 'gradient_maps',
-           'explain', 'image_geometry', 'boxes_to_model', 'box_mask', 'pointing_game', 'energy_pointing_game',
+__all__ = ['METHODS', 'GRADCAM_AT', 'TITLES', 'DISTRACTORS', 'CASCADE_METHODS', 'SCORES', 'ANATOMY_COLUMNS', 'CASES',
+           'model_size', 'as_images', 'unit_maps', 'model_name', 'model_device', 'batches', 'target_layer', 'gradcam',
+           'saliency', 'gradcam_saliency', 'segment', 'BatchedLimeExplainer', 'best_batch_size', 'predict_probs',
+           'lime_classifier', 'lime', 'gradient_maps', 'explain', 'image_geometry', 'boxes_to_model', 'box_mask',
+           'pointing_game', 'energy_pointing_game', 'anatomy_energy', 'anatomy_summary', 'plot_anatomy_energy',
            'rise_curves', 'curve_auc', 'randomized_copy', 'rank_correlation', 'cascade_blocks', 'edge_maps',
            'cascade_curve', 'cascade_verdict', 'plot_cascade', 'image_scores', 'score_maps', 'faithfulness_table',
            'pick_cases', 'draw_overlays', 'overlay_grid', 'readable', 'map_aucs', 'explain_to_files', 'trained_model',
-           'stratified']
+           'stratified', 'finding_masks', 'layer_pointing', 'pick_gradcam_layer', 'record_gradcam_layer']
 
 # %% ../nbs/06_interpret.ipynb #fb346347
 def model_size(model:nn.Module, # a study model (has `size`) or any module
@@ -91,12 +93,14 @@ def batches(xs, bs:int):
 
 # %% ../nbs/06_interpret.ipynb #085fa8ff
 def target_layer(model:nn.Module, # the model to explain
-                 layer:nn.Module|str|None=None, # a module, a dotted path inside `model`, or None
+                 layer:nn.Module|str|None=None, # a module, a dotted path, 'last'/'fine' (a study model's), or None
                 ) -> nn.Module:
-    "The Grad-CAM layer: `layer` if given, else the architecture's (`learner.gradcam_layer`), else the last Conv2d."
+    "The Grad-CAM layer: `layer`; for a study model `learner.gradcam_layer` (None: its settings); else the last Conv2d."
     if isinstance(layer, nn.Module): return layer
-    if isinstance(layer, str): return model.get_submodule(layer)
-    if isinstance(model, MuraModel): return gradcam_layer(model)
+    if isinstance(model, MuraModel) and layer in (None, 'last', 'fine'): return gradcam_layer(model, layer)
+    if layer == 'fine': raise ValueError(f"{type(model).__name__} is not a study model and names no 'fine' layer: "
+                                         "pass layer=<module or dotted path> to gradcam.")
+    if isinstance(layer, str) and layer != 'last': return model.get_submodule(layer)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs: raise ValueError("The model has no Conv2d layer: pass layer=<module or dotted path> to gradcam.")
     return convs[-1]
@@ -262,27 +266,33 @@ def lime(model:nn.Module, # takes the normalised (N,1,H,W) batch, returns (N,2) 
 
 # %% ../nbs/06_interpret.ipynb #002678b5
 METHODS = ('gradcam', 'saliency', 'lime')  # the study's maps, in the order the figure draws them
+GRADCAM_AT = dict(gradcam_last='last', gradcam_fine='fine')  # Grad-CAM at a study model's two registry layers
+TITLES = dict(gradcam='Grad-CAM', saliency='saliency', lime='LIME', gradcam_last='Grad-CAM, last stage',
+              gradcam_fine='Grad-CAM, fine layer', edges='edges (control)')  # the methods' names in figures
 
 # %% ../nbs/06_interpret.ipynb #3b227dc5
 def gradient_maps(model:nn.Module, # the model to explain
                   images:list, # PIL 'L' images at the model's size
-                  methods:tuple=('gradcam', 'saliency'), # gradient methods wanted
+                  methods:tuple=('gradcam', 'saliency'), # gradient methods wanted (also 'gradcam_last', 'gradcam_fine')
                   smooth:float=0., # SmoothGrad noise for saliency (0: plain gradients)
                   seed:int=0, # SmoothGrad seed
                   size:int|None=None, # input side, for models without a `size` attribute
                   bs:int=16, # images per pass
                  ) -> dict[str, np.ndarray]:
-    "Grad-CAM and/or saliency maps; both from one pass when both are wanted without SmoothGrad."
-    if {'gradcam', 'saliency'} <= set(methods) and not smooth:
-        return dict(zip(('gradcam', 'saliency'), gradcam_saliency(model, images, size=size, bs=bs)))
-    out = {'gradcam': lambda: gradcam(model, images, size=size, bs=bs),
-           'saliency': lambda: saliency(model, images, smooth=smooth, seed=seed, size=size, bs=bs)}
-    return {m: out[m]() for m in methods if m in out}
+    "Grad-CAM (at any layer named) and/or saliency maps; saliency shares the first Grad-CAM's pass without SmoothGrad."
+    make = {'saliency': lambda: saliency(model, images, smooth=smooth, seed=seed, size=size, bs=bs),
+            **{m: (lambda k=k: gradcam(model, images, layer=k, size=size, bs=bs))
+               for m, k in dict(gradcam=None, **GRADCAM_AT).items()}}
+    cams, done = [m for m in methods if m in make and m != 'saliency'], {}
+    if cams and 'saliency' in methods and not smooth:
+        done = dict(zip((cams[0], 'saliency'), gradcam_saliency(model, images, layer=GRADCAM_AT.get(cams[0]), size=size,
+                                                                bs=bs)))
+    return {m: done[m] if m in done else make[m]() for m in methods if m in make}
 
 # %% ../nbs/06_interpret.ipynb #1069b8ee
 def explain(model:nn.Module, # takes the normalised (N,1,H,W) batch, returns (N,2) logits
             images, # paths or PIL 'L' images at the model's size
-            methods:tuple=METHODS, # any of 'gradcam', 'saliency', 'lime'
+            methods:tuple=METHODS, # any of 'gradcam', 'saliency', 'lime', 'gradcam_last', 'gradcam_fine'
             lime_samples:int=1000, # perturbations per LIME map
             segmentation:str='quickshift', # LIME superpixels: 'quickshift' or 'slic'
             smooth:float=0., # SmoothGrad noise for saliency (0: plain gradients)
@@ -292,7 +302,8 @@ def explain(model:nn.Module, # takes the normalised (N,1,H,W) batch, returns (N,
             progress:bool=True, # show a progress bar
            ) -> dict[str, np.ndarray]:
     "Maps (N,H,W) in [0, 1] for each method, and the images the model saw under 'image'."
-    if bad := set(methods) - set(METHODS): raise ValueError(f"Unknown method(s) {sorted(bad)}; choose from {METHODS}.")
+    if bad := set(methods) - {*METHODS, *GRADCAM_AT}:
+        raise ValueError(f"Unknown method(s) {sorted(bad)}; choose from {(*METHODS, *GRADCAM_AT)}.")
     size = model_size(model, size); ims = as_images(images, size)
     maps = {'image': [np.stack([np.asarray(i) for i in ims])]}
     with tqdm(total=len(ims), desc='explain', disable=not progress) as bar:
@@ -361,6 +372,70 @@ def energy_pointing_game(maps:np.ndarray, # (N,H,W) non-negative maps
     "Per map, the share of its total that lies on the finding (an all-zero map counts as uniform)."
     maps = np.asarray(maps, np.float64); total = maps.sum((-2, -1))
     return np.where(total > 0, (maps*masks).sum((-2, -1))/np.where(total > 0, total, 1), masks.mean((-2, -1)))
+
+# %% ../nbs/06_interpret.ipynb #373d2122
+def anatomy_energy(maps:np.ndarray, # (N,H,W) non-negative maps (in [0, 1])
+                   masks:np.ndarray, # (N,H,W) label maps: each pixel's index in `classes` (`data.anatomy_masks`)
+                   classes:tuple=TISSUES, # what each label value shows, in order
+                  ) -> pd.DataFrame:
+    "Per image and class: `energy`, the share of the map's sum on the class; `chance`, the class's share of the image."
+    maps, masks = np.asarray(maps, np.float64), np.asarray(masks)
+    if maps.shape != masks.shape: raise ValueError(
+        f"maps {maps.shape} and label maps {masks.shape} differ: pass one label map per map, at the maps' size "
+        "(data.anatomy_masks(paths, size)).")
+    if masks.size and masks.max() >= len(classes): raise ValueError(
+        f"A label map holds the value {masks.max()}, but only {len(classes)} classes are named: pass classes=TISSUES.")
+    rows = []
+    for i, (m, lab) in enumerate(zip(maps, masks.astype(np.int64))):
+        area = np.bincount(lab.ravel(), minlength=len(classes))/lab.size
+        total = m.sum()  # an all-zero map points nowhere: it counts as uniform, as in `energy_pointing_game`
+        energy = np.bincount(lab.ravel(), weights=m.ravel(), minlength=len(classes))/total if total > 0 else area
+        rows += [dict(image=i, tissue=c, energy=e, chance=a) for c, e, a in zip(classes, energy, area)]
+    return pd.DataFrame(rows, columns=['image', 'tissue', 'energy', 'chance'])
+
+# %% ../nbs/06_interpret.ipynb #dda59702
+DISTRACTORS = ('growth_plate', 'ring')  # drawn whatever the label: summed as one class, 'distractors'
+
+def anatomy_summary(energy:pd.DataFrame, # `anatomy_energy` rows, with any grouping columns (arch, method)
+                    by:tuple=('arch', 'method'), # grouping columns, those present used
+                    n_boot:int=1000, # bootstrap resamples
+                    seed:int=0, # resampling seed
+                   ) -> pd.DataFrame:
+    "Per group and class (and the distractors as one): mean energy and chance, 95% bootstrap intervals over images."
+    keys = [k for k in by if k in energy]
+    side = energy[energy.tissue.isin(DISTRACTORS)].groupby([*keys, 'image'], sort=False)[['energy', 'chance']].sum()
+    rows = []
+    for key, g in pd.concat([energy, side.reset_index().assign(tissue='distractors')]).groupby([*keys, 'tissue'],
+                                                                                               sort=False):
+        (e, el, eh), (c, cl, ch) = (bootstrap_ci(g[k], n_boot=n_boot, seed=seed) for k in ('energy', 'chance'))
+        rows.append(dict(zip([*keys, 'tissue'], key), n=len(g), energy=e, energy_low=el, energy_high=eh,
+                         chance=c, chance_low=cl, chance_high=ch, above_chance=bool(el > ch)))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/06_interpret.ipynb #18da8602
+def plot_anatomy_energy(summary:pd.DataFrame, # `anatomy_summary` output (an `arch` column: one panel each)
+                        out:Path|None=None, # PNG file to write
+                       ) -> plt.Figure:
+    "Energy per anatomy class and method (bars, 95% intervals, log scale) against chance (a black tick on each bar)."
+    summary = summary if 'arch' in summary else summary.assign(arch='')
+    archs, methods = list(dict.fromkeys(summary.arch)), list(dict.fromkeys(summary.method))
+    fig, axs = plt.subplots(len(archs), 1, squeeze=False, figsize=(10, 3.4*len(archs)))
+    for ax, arch in zip(axs[:, 0], archs):
+        s = summary[summary.arch == arch]; tissues = list(dict.fromkeys(s.tissue))
+        x, w = np.arange(len(tissues)), .8/len(methods)
+        for k, m in enumerate(methods):
+            g, at = s[s.method == m].set_index('tissue').reindex(tissues), x + (k - (len(methods) - 1)/2)*w
+            ax.bar(at, g.energy, w, label=TITLES.get(m, m), yerr=[g.energy - g.energy_low, g.energy_high - g.energy],
+                   error_kw=dict(lw=.8, ecolor='grey'))
+            ax.scatter(at, g.chance, marker='_', s=150, linewidths=2, color='k', zorder=3,
+                       label='chance' if k == 0 else None)
+        ax.set_yscale('log'); ax.set_ylim(1e-4, 1.5)  # the small classes (finding, marker) are the informative ones
+        ax.set_xticks(x, [t.replace('_', ' ') for t in tissues], fontsize=8)
+        ax.set_ylabel('share of the map'); ax.set_title(f'{arch} energy per anatomy class'.strip(), fontsize=9)
+    axs[0, 0].legend(fontsize=7, ncol=3, loc='upper right'); fig.tight_layout()
+    if out: write_figure(fig, out)
+    plt.close(fig)
+    return fig
 
 # %% ../nbs/06_interpret.ipynb #6b9af025
 def rise_curves(model:nn.Module, # takes the normalised (N,1,H,W) batch, returns (N,2) logits
@@ -445,41 +520,48 @@ CASCADE_METHODS = ('gradcam', 'saliency', 'edges')  # the cascade's maps: the gr
 
 def cascade_curve(model:nn.Module, # a trained study model (or a timm-style network, with `size`)
                   images, # paths or PIL 'L' images at the model's size
-                  methods:tuple=CASCADE_METHODS, # 'gradcam', 'saliency' and the control 'edges'
-                  seed:int=0, # seed of the new weights (block k gets seed + k)
+                  methods:tuple=CASCADE_METHODS, # 'gradcam' (or 'gradcam_last', 'gradcam_fine'), 'saliency', 'edges'
+                  seed:int=0, # seed of the new weights (block k of draw d gets seed + 1000*d + k)
+                  draws:int=1, # independent cascades, each from the trained model; their similarities averaged
                   size:int|None=None, # input side, for models without a `size` attribute
                   bs:int=16, # images per gradient pass
                  ) -> pd.DataFrame:
     "Cascading randomisation: per step (blocks random from the top) and method, mean Spearman and SSIM to step 0."
-    size = model_size(model, size); ims = as_images(images, size); rnd = copy.deepcopy(model).eval()
-    pixels = np.stack([np.asarray(i) for i in ims])
+    if draws < 1: raise ValueError(f"draws={draws}: a cascade needs at least one randomisation, pass draws=1 or more.")
+    size = model_size(model, size); ims = as_images(images, size); pixels = np.stack([np.asarray(i) for i in ims])
     def maps_of(m): return {**gradient_maps(m, ims, methods=methods, size=size, bs=bs), 'edges': edge_maps(pixels)}
-    ref, rows = maps_of(rnd), []
-    for step, (block, mod) in enumerate([('none', None), *cascade_blocks(rnd)]):
-        if mod is not None: _reinit(mod, seed + step)
-        now = maps_of(rnd) if step else ref
-        for m in methods:
-            rows.append(dict(step=step, block=block, method=m, n=len(ims),
-                             spearman=float(rank_correlation(ref[m], now[m]).mean()),
-                             ssim=float(np.mean([structural_similarity(a, b, data_range=1.)
-                                                 for a, b in zip(ref[m], now[m])]))))
-    return pd.DataFrame(rows)
+    ref, rows = maps_of(copy.deepcopy(model).eval()), []
+    for draw in range(draws):
+        rnd = copy.deepcopy(model).eval()
+        for step, (block, mod) in enumerate([('none', None), *cascade_blocks(rnd)]):
+            if mod is not None: _reinit(mod, seed + 1000*draw + step)
+            now = maps_of(rnd) if step else ref
+            rows += [dict(step=step, block=block, method=m, n=len(ims), draws=draws,
+                          spearman=float(rank_correlation(ref[m], now[m]).mean()),
+                          ssim=float(np.mean([structural_similarity(a, b, data_range=1.)
+                                              for a, b in zip(ref[m], now[m])])))
+                     for m in methods]
+    per_draw = pd.DataFrame(rows).groupby(['step', 'block', 'method'], sort=False)
+    return per_draw.agg(n=('n', 'first'), draws=('draws', 'first'), spearman=('spearman', 'mean'),
+                        ssim=('ssim', 'mean'), spearman_sd=('spearman', 'std'), ssim_sd=('ssim', 'std')).reset_index()
 
 # %% ../nbs/06_interpret.ipynb #968bb322
 def cascade_verdict(curve:pd.DataFrame, # `cascade_curve` output
                     max_rho:float=0.5, # a method passes when its mean Spearman falls below this ...
                     after:int=2, # ... once this many blocks from the top are random (2: the head and the next block)
                    ) -> pd.Series:
-    "Per method, 'pass' when its mean rank correlation after `after` cascade steps is below `max_rho`, else 'fail'."
-    at = curve[curve.step == min(after, curve.step.max())].set_index('method').spearman
-    return pd.Series(np.where(at < max_rho, 'pass', 'fail'), index=at.index, name='cascade')
+    "Per method, 'pass' if the mean Spearman at step `after` is below `max_rho`, else 'fail'; and the draws averaged."
+    at = curve[curve.step == min(after, curve.step.max())].set_index('method')
+    out = pd.Series(np.where(at.spearman < max_rho, 'pass', 'fail'), index=at.index, name='cascade')
+    if 'draws' not in at: return out
+    return out + [f' (mean of {d} draws)' if d > 1 else ' (1 draw)' for d in at.draws]
 
 # %% ../nbs/06_interpret.ipynb #05e7b36f
 def plot_cascade(curve:pd.DataFrame, # `cascade_curve` output (an `arch` column draws one panel per architecture)
                  max_rho:float=0.5, # the threshold drawn on the Spearman panel
                  out:Path|None=None, # PNG file to write
                 ) -> plt.Figure:
-    "The cascade: Spearman and SSIM to the trained model's maps against blocks randomised, one line per method."
+    "The cascade: Spearman and SSIM to the trained model's maps by blocks randomised, per method, +-1 SD band."
     curve = curve if 'arch' in curve else curve.assign(arch='')
     archs = list(dict.fromkeys(curve.arch))
     fig, axs = plt.subplots(len(archs), 2, squeeze=False, figsize=(9, 3.2*len(archs)))
@@ -488,10 +570,12 @@ def plot_cascade(curve:pd.DataFrame, # `cascade_curve` output (an `arch` column 
         for k, score in enumerate(('spearman', 'ssim')):
             ax = axs[r, k]
             for m, g in c.groupby('method', sort=False):
-                ax.plot(g.step, g[score], marker='o', label=dict(gradcam='Grad-CAM', edges='edges (control)').get(m, m))
+                line, = ax.plot(g.step, g[score], marker='o', label=TITLES.get(m, m))
+                sd = g[f'{score}_sd'].fillna(0) if f'{score}_sd' in g else 0*g[score]
+                ax.fill_between(g.step, g[score] - sd, g[score] + sd, color=line.get_color(), alpha=.2, lw=0)
             if score == 'spearman': ax.axhline(max_rho, color='grey', ls='--', lw=1)
             ax.set_xticks(ticks.step, ticks.block, rotation=60, ha='right', fontsize=7)
-            ax.set_ylim(-.1, 1.05); ax.set_ylabel(score); ax.set_title(f'{arch} {score}'.strip(), fontsize=9)
+            ax.set_ylim(-1.05, 1.05); ax.set_ylabel(score); ax.set_title(f'{arch} {score}'.strip(), fontsize=9)
     axs[0, 0].legend(fontsize=8); axs[-1, 0].set_xlabel('blocks randomised, from the top (cumulative)')
     fig.tight_layout()
     if out: write_figure(fig, out)
@@ -503,13 +587,14 @@ def image_scores(model:nn.Module, # a study model (or any module, with `size`)
                  paths:list, # image files to explain
                  boxes:pd.DataFrame|None=None, # path, x0, y0, x1, y1 in stored-image pixels (e.g. data.read_boxes)
                  methods:tuple=METHODS, # methods to score
+                 anatomy:np.ndarray|None=None, # (N,H,W) label maps of `paths` at the model's size (data.anatomy_masks)
                  lime_samples:int=1000, # perturbations per LIME map
                  steps:int=32, # points on each deletion/insertion curve
                  seed:int=0, # seed for LIME, the random maps and the randomised weights
                  size:int|None=None, # input side, for models without a `size` attribute
                  progress:bool=True, # show progress bars
                 ) -> pd.DataFrame:
-    "Per image and method: pointing games, chance, deletion/insertion AUC (map and random map), sanity correlation."
+    "Per image and method: pointing games, chance, deletion/insertion AUC, sanity; attrs['anatomy']: energy per class."
     size, paths = model_size(model, size), [str(p) for p in paths]
     kw = dict(methods=methods, lime_samples=lime_samples, seed=seed, size=size, progress=progress)
     maps, rnd = explain(model, paths, **kw), explain(randomized_copy(model, seed), paths, **kw)
@@ -528,7 +613,11 @@ def image_scores(model:nn.Module, # a study model (or any module, with `size`)
                              pointing_hit=pointing_game(maps[m][i:i+1], mask, 'hit')[0] if len(g) else np.nan,
                              energy=energy_pointing_game(maps[m][i:i+1], mask)[0] if len(g) else np.nan,
                              chance=mask.sum()/g.content.iloc[0] if len(g) else np.nan))
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if anatomy is not None: out.attrs['anatomy'] = pd.concat(
+        [anatomy_energy(maps[m], anatomy).assign(method=m) for m in methods], ignore_index=True).assign(
+        image=lambda e: np.asarray(paths)[e.image])
+    return out
 
 # %% ../nbs/06_interpret.ipynb #bf6e9cfd
 SCORES = ('pointing', 'pointing_hit', 'energy', 'chance', 'deletion', 'deletion_random',
@@ -540,13 +629,15 @@ def score_maps(models:dict|nn.Module, # {architecture: model}, or one model (nam
                boxes:pd.DataFrame|None=None, # boxes in stored-image pixels, e.g. `data.read_boxes(root)`
                n_boot:int=1000, # bootstrap resamples for the intervals
                max_rho:float=0.5, # sanity check: a method passes when its mean rank correlation is below this
-               **kwargs, # passed to `image_scores` (methods, lime_samples, steps, seed, progress)
+               **kwargs, # passed to `image_scores` (methods, anatomy, lime_samples, steps, seed, progress)
               ) -> pd.DataFrame:
     "Faithfulness per architecture x method x score: mean, 95% bootstrap interval, images counted, sanity verdict."
     if isinstance(models, nn.Module): models = {model_name(models): models}
-    rows, per_image = [], []
+    rows, per_image, energy = [], [], []
     for arch, model in models.items():
-        s = image_scores(model, paths, boxes, **kwargs).assign(arch=arch); per_image.append(s)
+        s = image_scores(model, paths, boxes, **kwargs)
+        if 'anatomy' in s.attrs: energy.append(s.attrs['anatomy'].assign(arch=arch))
+        s = s.assign(arch=arch); s.attrs = {}; per_image.append(s)
         for method, g in s.groupby('method', sort=False):
             for k in SCORES:
                 mean, low, high = bootstrap_ci(g[k], n_boot=n_boot, seed=kwargs.get('seed', 0))
@@ -556,18 +647,28 @@ def score_maps(models:dict|nn.Module, # {architecture: model}, or one model (nam
     rho = out[out.score == 'rank_corr'].set_index(['arch', 'method'])['mean']
     out['sanity'] = [('pass' if rho[a, m] < max_rho else 'fail') for a, m in zip(out.arch, out.method)]
     out.attrs['per_image'] = pd.concat(per_image, ignore_index=True)
+    if energy: out.attrs['anatomy'] = pd.concat(energy, ignore_index=True)
     return out
 
 # %% ../nbs/06_interpret.ipynb #e2679162
+ANATOMY_COLUMNS = ('finding', 'bone', 'joint', 'marker', 'distractors')  # the table's; every class: anatomy_energy.csv
+
 def faithfulness_table(scores:pd.DataFrame, # `score_maps` output
+                       energy:pd.DataFrame|None=None, # `anatomy_summary` output: adds the energy on `ANATOMY_COLUMNS`
                        digits:int=2, # decimals shown
                       ) -> pd.DataFrame:
-    "One row per architecture x method, one column per score, as 'mean [low, high]', and the sanity verdict."
-    cell = lambda r: ('-' if np.isnan(r['mean']) else
-                      f"{r['mean']:.{digits}f} [{r['low']:.{digits}f}, {r['high']:.{digits}f}]")
-    t = scores.assign(cell=scores.apply(cell, axis=1)).pivot_table(index=['arch', 'method', 'sanity'], columns='score',
-                                                                   values='cell', aggfunc='first', sort=False)
-    return t[[k for k in SCORES if k in t.columns]].reset_index(level='sanity')
+    "One row per architecture x method, one column per score as 'mean [low, high]', the sanity verdict, the energies."
+    def cell(mean, low, high):
+        return '-' if np.isnan(mean) else f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    t = scores.assign(cell=[cell(*r) for r in scores[['mean', 'low', 'high']].to_numpy()]).pivot_table(
+        index=['arch', 'method', 'sanity'], columns='score', values='cell', aggfunc='first', sort=False)
+    t = t[[k for k in SCORES if k in t.columns]].reset_index(level='sanity')
+    if energy is None: return t
+    e = energy[energy.tissue.isin(ANATOMY_COLUMNS)]
+    e = e.assign(cell=[f"{cell(*r[:3])} vs {r[3]:.{digits}f}"
+                       for r in e[['energy', 'energy_low', 'energy_high', 'chance']].to_numpy()])
+    return t.join(e.pivot_table(index=['arch', 'method'], columns='tissue', values='cell', aggfunc='first')
+                   .reindex(columns=[k for k in ANATOMY_COLUMNS if k in set(e.tissue)]).add_prefix('energy_'))
 
 # %% ../nbs/06_interpret.ipynb #073ad933
 CASES = ('TP', 'FP', 'FN', 'TN')
@@ -590,8 +691,6 @@ def pick_cases(preds:pd.DataFrame, # one row per image: path, label, prob (of ab
     return pd.concat(rows, ignore_index=True)
 
 # %% ../nbs/06_interpret.ipynb #5993e748
-TITLES = dict(gradcam='Grad-CAM', saliency='saliency', lime='LIME')
-
 def draw_overlays(maps:dict, # `explain` output: 'image' and one entry per method
                   labels:list, # one row label per image
                   methods:tuple=METHODS, # map columns, after the image
@@ -691,19 +790,20 @@ def trained_model(arch:str, # architecture key
                   size:int, epochs:int, bs:int, # input side, epochs and batch size when training here
                   models_dir=None, # folder with `<arch>-<protocol>/final` model folders (default: runs/<name>/models)
                   seed:int=0, # seed of the protocol split and of training
-                 ) -> tuple[nn.Module, pd.DataFrame]:
-    "A trained `arch` and the original test images of its protocol: a saved model, else one trained on 'official'."
+                 ) -> tuple[nn.Module, pd.DataFrame, Path]:
+    "A trained `arch`, its protocol's original valid and test images, and its folder; trained on 'official' if none."
     models_dir = Path(models_dir or run_dir(name)/'models')
     for proto in ('official', 'paper_clean', 'paper'):  # 'paper' last: its test originals have copies in train
-        if (f := models_dir/f'{arch}-{proto}'/'final').is_dir(): return load_model(f), _test_rows(df, proto, seed)
+        if (f := models_dir/f'{arch}-{proto}'/'final').is_dir(): return load_model(f), _held_out(df, proto, seed), f
     learn, _ = fit_evaluate(protocol(df, 'official', seed=seed), arch=arch, size=size, epochs=epochs, bs=bs,
                             lr=DEFAULT_LR, seed=seed, name=name, n_boot=10)
-    return load_model(save_model(learn, models_dir/f'{arch}-official'/'final')), _test_rows(df, 'official', seed)
+    f = save_model(learn, models_dir/f'{arch}-official'/'final')
+    return load_model(f), _held_out(df, 'official', seed), f
 
-def _test_rows(df, name, seed):
-    "The original (not augmented) test images of protocol `name`."
+def _held_out(df, name, seed):
+    "The original (not augmented) validation and test images of protocol `name`."
     cut = protocol(df, name, seed=seed)
-    return cut[(cut.set == 'test') & (cut.aug == 0)].reset_index(drop=True)
+    return cut[cut.set.isin(['valid', 'test']) & (cut.aug == 0)].reset_index(drop=True)
 
 # %% ../nbs/06_interpret.ipynb #026e6011
 def stratified(rows:pd.DataFrame, # one row per image, with a `by` column
@@ -715,3 +815,45 @@ def stratified(rows:pd.DataFrame, # one row per image, with a `by` column
     shuffled = rows.sample(frac=1, random_state=seed)
     turn = shuffled.groupby(by, sort=False).cumcount()
     return shuffled.assign(_turn=turn.to_numpy()).sort_values('_turn', kind='stable').head(n).drop(columns='_turn')
+
+# %% ../nbs/06_interpret.ipynb #415e44e9
+def finding_masks(paths:list, # image files
+                  boxes:pd.DataFrame, # path, x0, y0, x1, y1 in stored-image pixels (e.g. `data.read_boxes`)
+                  size:int, # the model's input side
+                 ) -> np.ndarray:
+    "(N,size,size) bool: each image's finding pixels in the model's square (`box_mask`), all False without a box."
+    paths = [str(p) for p in paths]; inside = boxes_to_model(boxes[boxes.path.astype(str).isin(paths)], size)
+    return np.stack([box_mask(inside[inside.path.astype(str) == p], size) for p in paths]).reshape(-1, size, size)
+
+# %% ../nbs/06_interpret.ipynb #1a17b46e
+def layer_pointing(model:MuraModel, # a study model
+                   paths:list, # image files, those with a finding scored (validation images, to choose a layer)
+                   boxes:pd.DataFrame, # the findings' boxes in stored-image pixels
+                   layers:tuple=('last', 'fine'), # the registry's Grad-CAM layers
+                   bs:int=16, # images per pass
+                  ) -> pd.DataFrame:
+    "Per image with a finding and Grad-CAM layer: both pointing games (`pointing` share, `pointing_hit`)."
+    masks = finding_masks(paths, boxes, model.size); keep = masks.any((1, 2))
+    paths, masks = [str(p) for p, k in zip(paths, keep) if k], masks[keep]
+    if not paths: return pd.DataFrame(columns=['path', 'layer', 'pointing', 'pointing_hit'])
+    return pd.concat([pd.DataFrame(dict(path=paths, layer=k, pointing=pointing_game(cam, masks),
+                                        pointing_hit=pointing_game(cam, masks, 'hit')))
+                      for k in layers for cam in [gradcam(model, paths, layer=k, bs=bs)]], ignore_index=True)
+
+# %% ../nbs/06_interpret.ipynb #d7bfa4ff
+def pick_gradcam_layer(pointing:pd.DataFrame, # `layer_pointing` rows of one model
+                      ) -> str:
+    "'fine' when Grad-CAM there hits the finding more often than at the last stage; else (ties, no images) 'last'."
+    hit = pointing.groupby('layer').pointing_hit.mean()
+    return 'fine' if hit.get('fine', np.nan) > hit.get('last', np.nan) else 'last'
+
+# %% ../nbs/06_interpret.ipynb #f89eb59c
+def record_gradcam_layer(model_dir:Path, # a folder written by `learner.save_model`
+                         layer:str, # 'last' or 'fine'
+                        ) -> MuraModel:
+    "Write `layer` into the saved model's explanation settings, leaving the rest as it is; return the model reloaded."
+    if layer not in ('last', 'fine'): raise ValueError(f"layer={layer!r}: the registry names 'last' or 'fine'.")
+    m = load_model(model_dir)
+    if m.config.get('explain') != dict(gradcam_layer=layer):
+        m.config['explain'] = dict(gradcam_layer=layer); save_model(m, model_dir, metrics=m.config.get('metrics'))
+    return load_model(model_dir)
