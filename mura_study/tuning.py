@@ -4,13 +4,12 @@
 
 # %% ../nbs/05_tuning.ipynb #3a5b4dec
 from __future__ import annotations
-import importlib, importlib.util, json, re, shutil, tempfile, time, warnings
+import importlib, json, re, shutil, tempfile, time, warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
-import sqlalchemy
 import optuna
 import optuna.visualization.matplotlib as optuna_plots
 from optuna.distributions import FloatDistribution
@@ -24,16 +23,15 @@ from . import core
 from .core import *
 from .data import read_mura, protocol, mura_dataloaders
 from .metrics import paired_bootstrap
-from .learner import (ARCHS, check_training, evaluate, fingerprint, get_arch, load_checkpoint, load_model,
-                                mura_learner, train, train_folder)
+from .learner import (ARCHS, check_training, evaluate, fail_stale, fingerprint, get_arch, load_checkpoint,
+                                load_model, mura_learner, open_storage, train, train_folder)
 
 # %% auto #0
 __all__ = ['SPACE', 'LIMITS', 'COUNTED', 'BASELINE', 'LIVE', 'SEARCH_METRICS', 'SEARCH_PLOTS', 'search_space', 'space_attr',
-           'storage_url', 'open_storage', 'open_study', 'wait_for_slot', 'SurplusTrial', 'baseline_params',
-           'enqueue_baseline', 'wait_for_baseline', 'trial_objective', 'run_trials', 'tune', 'TrialReport',
-           'config_learner', 'trial_tag', 'learner_fit', 'run_images', 'baseline_and_winner', 'trial_config',
-           'compare_tuned', 'tuning_table', 'tuning_cost', 'cost_summary', 'tuning_figures', 'load_fit',
-           'study_summary', 'tune_worker']
+           'open_study', 'wait_for_slot', 'SurplusTrial', 'baseline_params', 'enqueue_baseline', 'wait_for_baseline',
+           'trial_objective', 'run_trials', 'tune', 'TrialReport', 'config_learner', 'trial_tag', 'learner_fit',
+           'run_images', 'baseline_and_winner', 'trial_config', 'compare_tuned', 'tuning_table', 'tuning_cost',
+           'cost_summary', 'tuning_figures', 'load_fit', 'study_summary', 'tune_worker']
 
 # %% ../nbs/05_tuning.ipynb #04c65de3
 SPACE = {'lr': (1e-5, 1e-1, True), 'dropout': (0.0, 0.7, False), 'l2': (1e-6, 1e-1, True)}
@@ -68,54 +66,6 @@ def space_attr(space:dict) -> dict:
     "A JSON-able record of a validated space, stored with the study to refuse a different one."
     return {k: v if isinstance(v, float) else [v.low, v.high, v.log] for k, v in space.items()}
 
-# %% ../nbs/05_tuning.ipynb #beec9de0
-def storage_url(storage:str|None=None, # a database URL; None: the SQLite file of the run
-                name:str='ci', # run name, for the default file `runs/<name>/tuning.db`
-               ) -> str:
-    "The study's database URL."
-    return storage or f"sqlite:///{run_dir(name)/'tuning.db'}"
-
-# %% ../nbs/05_tuning.ipynb #640acb64
-def _rdb_storage(url:str, engine_kwargs:dict, heartbeat:int, attempts:int=4) -> optuna.storages.RDBStorage:
-    "Optuna's `RDBStorage` with heartbeats, retried while another worker is creating the same tables."
-    for i in range(attempts):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore', ExperimentalWarning)  # heartbeat_interval is marked experimental
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                                                  grace_period=3*heartbeat)
-        except sqlalchemy.exc.SQLAlchemyError as e:
-            # workers creating the schema at the same instant collide on Optuna's alembic_version row or tables
-            race = isinstance(e, sqlalchemy.exc.IntegrityError) or 'already exists' in str(e)
-            if not race or i == attempts - 1: raise
-            time.sleep(0.5*(i + 1))
-
-# %% ../nbs/05_tuning.ipynb #278eafbb
-def open_storage(storage:str|None=None, # a database URL; None: `runs/<name>/tuning.db`
-                 name:str='ci', # run name
-                 heartbeat:int=10, # seconds between a running trial's heartbeats; silent for 3 beats = failed
-                 connect_timeout:int=5, # seconds to wait for a database server
-                ) -> optuna.storages.RDBStorage:
-    "Connect to the study database, failing fast with a clear message when it cannot be reached."
-    url = storage_url(storage, name)
-    try: u = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise ValueError(f"{url!r} is not a database URL; "
-                         "e.g. sqlite:///tuning.db or postgresql://user@host/db.") from None
-    psycopg2_only = importlib.util.find_spec('psycopg2') and not importlib.util.find_spec('psycopg')
-    if u.drivername == 'postgresql' and psycopg2_only:
-        u = u.set(drivername='postgresql+psycopg2')  # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
-    shown = u.render_as_string(hide_password=True)
-    connect = {'sqlite': {'timeout': 60}}.get(u.get_backend_name(), {'connect_timeout': connect_timeout})
-    engine = {'connect_args': connect, 'pool_pre_ping': True}
-    try: return _rdb_storage(u.render_as_string(hide_password=False), engine, heartbeat)
-    except ImportError:
-        raise ImportError(f"No database driver for {shown}: "
-                          "for PostgreSQL, pip install 'mura_study[postgres]'.") from None
-    except sqlalchemy.exc.SQLAlchemyError as e:
-        raise ConnectionError(f"Cannot open the tuning database {shown}: {str(getattr(e, 'orig', None) or e).strip()}. "
-                              "Check the URL, that the server is running and reachable, and the credentials.") from None
-
 # %% ../nbs/05_tuning.ipynb #a111b146
 def open_study(storage:optuna.storages.BaseStorage, # from `open_storage`
                study_name:str, # the study's name in the database
@@ -141,12 +91,6 @@ def open_study(storage:optuna.storages.BaseStorage, # from `open_storage`
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # %% ../nbs/05_tuning.ipynb #dc79a555
-def _stale_to_failed(study:optuna.Study):
-    "Mark trials whose worker stopped beating as failed."
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
 def wait_for_slot(study:optuna.Study, # the shared study
                   n_trials:int, # trials the study should hold, all workers together
                   before:int|None=None, # only count running trials numbered below this one (None: all)
@@ -159,7 +103,7 @@ def wait_for_slot(study:optuna.Study, # the shared study
         running = sum(t.state == TrialState.RUNNING and (before is None or t.number < before) for t in trials)
         if done + running < n_trials: return True
         if done >= n_trials: return False
-        time.sleep(poll); _stale_to_failed(study)
+        time.sleep(poll); fail_stale(study)
 
 # %% ../nbs/05_tuning.ipynb #35cea1c7
 class SurplusTrial(Exception):
@@ -186,7 +130,7 @@ def enqueue_baseline(study:optuna.Study, # the shared study
                      params:dict, # from `baseline_params`
                     ) -> bool:
     "Enqueue the baseline as the next trial unless the study holds one waiting, running or finished; True if enqueued."
-    _stale_to_failed(study)
+    fail_stale(study)
     if any(t.user_attrs.get('baseline') and t.state in LIVE for t in study.get_trials(deepcopy=False)): return False
     study.enqueue_trial(params, user_attrs={'baseline': True})
     return True
@@ -201,7 +145,7 @@ def wait_for_baseline(study:optuna.Study, # the shared study
         base = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get('baseline')]
         if not base or any(t.state in COUNTED for t in base): return True
         if not any(t.state in LIVE for t in base): enqueue_baseline(study, params); return False
-        time.sleep(poll); _stale_to_failed(study)
+        time.sleep(poll); fail_stale(study)
 
 # %% ../nbs/05_tuning.ipynb #c321ae1f
 def _earlier_baseline(trial:optuna.Trial) -> int|None:

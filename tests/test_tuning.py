@@ -10,6 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mura_study.core import DEFAULT_DROPOUT, DEFAULT_L2, DEFAULT_LR
+from mura_study.learner import open_storage
 from mura_study.tuning import *
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_bad_input_fails_before_any_training(tmp_path):
     with pytest.raises(ValueError, match='or a custom fit'):
         tune(None, 'toy', 2, url)
     t0 = time.time()
-    with pytest.raises(ConnectionError, match='Cannot open the tuning database'):
+    with pytest.raises(ConnectionError, match='Cannot open the study database'):
         tune(None, 'toy', 2, f"postgresql://nobody@127.0.0.1:{free_port()}/none", fit=never_fit)
     assert time.time() - t0 < 30
     tune(None, 'toy', 1, url, study_name='s', fit=lambda p, r, t: 0.5)
