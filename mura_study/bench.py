@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_bench.ipynb #a5b45db5
 from __future__ import annotations
-import os, random, subprocess, sys, tempfile
+import json, math, os, random, re, shutil, subprocess, sys, tempfile, warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -17,16 +17,21 @@ from PIL import Image
 import timm
 from lime import lime_image
 from fastai.learner import Learner
+from fastai.callback.core import Callback, CancelTrainException, CancelValidException
 
 from .core import *
-from .synth import BODY_PARTS, make_mura, plan_mura, render_view
-from .data import Augment, load_grey, mura_dataloaders, pad_square, pil_augment, protocol, read_mura, to_batch
-from .learner import inference_model, mura_learner, mura_model, predict
-from .interpret import batches, best_batch_size, gradcam, gradcam_saliency, lime, model_device, saliency
+from .synth import BODY_PARTS, make_mura, plan_like, plan_mura, render_view
+from .data import (PROTOCOLS, Augment, load_grey, mura_dataloaders, mura_folder, pad_square, pil_augment,
+                             protocol, read_boxes, read_mura, shared_test, to_batch)
+from .learner import ARCHS, exposure_epochs, inference_model, mura_learner, mura_model, predict
+from .interpret import (batches, best_batch_size, cascade_blocks, gradcam, gradcam_saliency, lime,
+                                  model_device, saliency)
 
 # %% auto #0
-__all__ = ['BENCH_TABLE', 'bench_synth', 'channel_cost', 'bench_loader', 'bench_predict', 'bench_loop', 'bench_cpu_pin',
-           'lime_defaults', 'bench_explain', 'machine', 'meets', 'bench_all', 'bench_results']
+__all__ = ['SCALE_STEPS', 'BENCH_TABLE', 'bench_synth', 'channel_cost', 'bench_loader', 'bench_predict', 'bench_loop',
+           'bench_cpu_pin', 'lime_defaults', 'bench_explain', 'mura_subset', 'scale_step', 'bench_scale', 'machine',
+           'meets', 'bench_all', 'bench_results', 'arch_size', 'plan_images', 'plan_trainings', 'probe_rates',
+           'probe_data', 'plan_work', 'study_plan', 'plan_summary', 'plan_markdown']
 
 # %% ../nbs/07_bench.ipynb #60abf8d2
 def bench_synth(n_patients:int=900, # patients of the set: 900 is the demo profile's
@@ -288,6 +293,107 @@ def bench_explain(arch:str='mobilenetv2', # architecture key, built as the study
     with torch_threads(threads):
         return _bench_explain(arch, size, num_samples=num_samples, n_images=n_images, reps=reps, seed=seed)
 
+# %% ../nbs/07_bench.ipynb #b8fdcdfa
+_PATIENT_DIR = re.compile(r'(?:^|/)(train|valid)/XR_[A-Z]+/(patient\d+)/')
+
+def mura_subset(root:Path|str, # a MURA-v1.1 folder (or the folder holding it)
+                dest:Path|str, # folder to write `MURA-v1.1/` into (new or empty)
+                fraction:float, # share of each split's patients kept
+                seed:int=0, # which patients
+               ) -> Path:
+    "A MURA-v1.1 folder of a share of `root`'s patients: their files hard-linked, every CSV filtered to them."
+    if not 0 < fraction <= 1: raise ValueError(f"mura_subset: fraction={fraction!r}: need a share in (0, 1].")
+    src, out = mura_folder(root), Path(dest)/'MURA-v1.1'
+    rng, keep = np.random.default_rng(seed), set()
+    for split in ('train', 'valid'):
+        pats = sorted({p.name for p in (src/split).glob('XR_*/patient*')})
+        keep |= {(split, p) for p in rng.permutation(pats)[:max(1, math.ceil(fraction*len(pats)))]}
+    for d in src.glob('*/XR_*/patient*'):
+        if (d.parts[-3], d.name) in keep: shutil.copytree(d, out/d.relative_to(src), copy_function=os.link)
+    for f in src.glob('*.csv'):
+        lines = f.read_text().splitlines(keepends=True)
+        (out/f.name).write_text(''.join(line for i, line in enumerate(lines) if (m := _PATIENT_DIR.search(line))
+                                        and (m[1], m[2]) in keep or (i == 0 and not m)))
+    return out
+
+# %% ../nbs/07_bench.ipynb #c72a8e4c
+SCALE_STEPS = ('check-data', 'read_mura', 'protocols + leakage', 'grey cache (cold)', 'loader from the cache')
+
+_SCALE_STEP = """
+import contextlib, io, json, resource, sys
+from mura_study import data
+from mura_study.core import Timer
+step, root, size, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+df = None if step in ('check-data', 'read_mura') else data.read_mura(root, check_images='exists', progress=False)
+n, kids0 = None, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # children of the imports do not count
+with Timer() as t:
+    if step == 'check-data':
+        from mura_study.study import main
+        with contextlib.redirect_stdout(io.StringIO()): main(['check-data', root])
+    elif step == 'read_mura': data.read_mura(root, progress=False)
+    elif step == 'protocols + leakage':
+        for p in data.PROTOCOLS: data.leakage_report(data.protocol(df, p))
+    else:
+        dls = data.mura_dataloaders(data.protocol(df, 'official'), size=size, bs=32, cache_dir=cache, device='cpu',
+                                    progress=False)
+        if step == 'loader from the cache': n = sum(len(x) for x, _ in dls.train)
+own, kids = (resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+print(json.dumps(dict(seconds=t.seconds, peak_MB=max(own, kids if kids > kids0 else 0)/1024, images=n)))
+"""
+
+def _image_count(root:Path) -> int:
+    return sum(sum(1 for line in open(root/f'{s}_image_paths.csv', 'rb') if line.strip()) for s in ('train', 'valid'))
+
+def scale_step(step:str, # one of `SCALE_STEPS`
+               root:Path|str, # a MURA-v1.1 folder
+               size:int=224, # side of the grey cache and the loader's batches
+               cache_dir:Path|str|None=None, # the cache folder (the loader step reads the cache step's)
+              ) -> dict:
+    "Seconds, peak resident MB and images of one data step on `root`, run in a fresh process."
+    if step not in SCALE_STEPS: raise ValueError(f"Unknown step {step!r}; choose one of {', '.join(SCALE_STEPS)}.")
+    root = mura_folder(root); cache_dir = cache_dir or tempfile.mkdtemp()
+    out = subprocess.run([sys.executable, '-c', _SCALE_STEP, step, str(root), str(size), str(cache_dir)],
+                         capture_output=True, text=True)
+    if out.returncode: raise RuntimeError(f"scale step {step!r} failed on {root}:\n{out.stderr[-2000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    n = _image_count(root) if res['images'] is None else res['images']  # the loader's: the images it delivered
+    return dict(step=step, images=n, seconds=res['seconds'], peak_MB=res['peak_MB'])
+
+# %% ../nbs/07_bench.ipynb #5026d05f
+def bench_scale(root:Path|str|None=None, # a MURA-v1.1 folder; None: a synthetic set of MURA-v1.1's counts
+                fractions:tuple=(1/8, 1/4, 1/2, 1), # shares of the patients, each a set of its own
+                size:int=224, # side of the grey cache and the batches
+                steps:tuple=SCALE_STEPS, # the steps to time
+                seed:int=0, # seed of the synthetic set and of the subsets
+                n_workers:int=2, # processes rendering the synthetic set
+               ) -> pd.DataFrame:
+    "Wall time and peak memory of each data step at each share of the set, and its time per image vs the smallest."
+    with tempfile.TemporaryDirectory() as d:
+        if root is None: root = make_mura(Path(d)/'full', like='mura-v1.1', seed=seed, n_workers=n_workers,
+                                          progress=False)
+        rows = []
+        for f in sorted(fractions):
+            sub = mura_folder(root) if f == 1 else mura_subset(root, Path(d)/f'{f:g}', f, seed=seed)
+            cache = Path(d)/f'cache-{f:g}'
+            rows += [dict(fraction=f, **scale_step(s, sub, size=size, cache_dir=cache)) for s in steps]
+    res = pd.DataFrame(rows)
+    per = res.seconds/res.images
+    base = per.groupby(res.step).transform('first')
+    return res.assign(images_per_s=(res.images/res.seconds).round(1), per_image_vs_smallest=(per/base).round(2),
+                      seconds=res.seconds.round(2), peak_MB=res.peak_MB.round(0))
+
+# %% ../nbs/07_bench.ipynb #09bf01ba
+def _scale_rows(size, device) -> list:
+    s = bench_scale(size=size)
+    print(s.to_string(index=False))  # the table at every size; the benchmark table keeps its four verdicts
+    full, worst = s[s.fraction == 1].set_index('step'), s.groupby('step').per_image_vs_smallest.last()
+    return [('scale', 'check-data at full size', full.seconds['check-data'], '<= 120', 's', size),
+            ('scale', 'three protocols + leakage reports at full size', full.seconds['protocols + leakage'], '<= 30',
+             's', size),
+            ('scale', 'peak resident memory of any data step', s.peak_MB.max()/1024, '<= 4', 'GB', size),
+            ('scale', f"time per image, full size vs 1/8 (worst step: {worst.idxmax()})", worst.max(), '<= 1.5', 'x',
+             size)]
+
 # %% ../nbs/07_bench.ipynb #0e8558df
 def machine(device:str='cpu', # the device the benchmarks ran on
            ) -> str:
@@ -325,7 +431,8 @@ def _interpret_rows(size, device) -> list:
             ('interpret', 'Grad-CAM + saliency vs one forward pass, 1 image',
              pick('Grad-CAM + saliency (one pass), 1 image'), '<= 4', 'x', size)]
 
-_CHAPTER_ROWS = dict(synth=_synth_rows, data=_data_rows, learner=_learner_rows, interpret=_interpret_rows)
+_CHAPTER_ROWS = dict(synth=_synth_rows, data=_data_rows, learner=_learner_rows, interpret=_interpret_rows,
+                     scale=_scale_rows)  # 'scale' runs only when named: it renders a set of MURA's size first
 
 # %% ../nbs/07_bench.ipynb #78bb3c19
 def meets(measured:float, # the measured ratio
@@ -339,11 +446,11 @@ def meets(measured:float, # the measured ratio
 
 # %% ../nbs/07_bench.ipynb #0b1654d2
 def bench_all(size:int=224, # model input side of the loader and explanation benchmarks
-              only:tuple=BENCHMARKS, # chapters to benchmark
+              only:tuple=BENCHMARKS, # chapters to benchmark; add 'scale' for the data path at MURA's size
               device:str='cpu', # where the loader, prediction and training benchmarks run
              ) -> pd.DataFrame:
     "Every chapter's benchmark, one row per ratio, next to its target and the machine that measured it."
-    rows = [row for c in BENCHMARKS if c in only for row in _CHAPTER_ROWS[c](size, device)]
+    rows = [row for c in _CHAPTER_ROWS if c in only for row in _CHAPTER_ROWS[c](size, device)]
     res = pd.DataFrame(rows, columns=[*_COLUMNS, 'size']).round(2)
     return res.assign(meets_target=[meets(m, t) for m, t in zip(res.measured, res.target)], machine=machine(device))
 
@@ -361,3 +468,207 @@ def bench_results(chapter:str|None=None, # one chapter's rows; None: all
         return pd.DataFrame(columns=[*_COLUMNS, 'size', 'meets_target', 'machine'])
     res = pd.read_csv(path)
     return res if chapter is None else res[res.chapter == chapter].reset_index(drop=True)
+
+# %% ../nbs/07_bench.ipynb #a8f50e73
+def arch_size(prof:Profile, # the run profile
+              arch:str, # architecture key
+             ) -> int:
+    "The input side `arch` trains at under `prof`: its registry size on real data (Xception 299), else the profile's."
+    return ARCHS[arch].size if prof.data == 'real' else prof.size
+
+# %% ../nbs/07_bench.ipynb #211b3d4f
+def plan_images(prof:Profile, # the run profile
+                data:str|Path|None=None, # a MURA-v1.1 folder; None: the synthetic set's plan, or MURA-v1.1's counts
+                seed:int=0, # seed of the synthetic set
+               ) -> pd.DataFrame:
+    "The images a run reads, one row each, with `boxed` for those with a lesion box; no image is opened."
+    if data is not None:
+        df = read_mura(data, check_images='exists', progress=False)
+        return df.assign(boxed=df.path.astype(str).isin(set(read_boxes(data).path.astype(str))))
+    df = plan_like('mura-v1.1', seed) if prof.n_patients is None else plan_mura(prof.n_patients, seed)
+    return df.assign(study=df.patient + '/study' + df.study.astype(str), boxed=df.findings != '')
+
+# %% ../nbs/07_bench.ipynb #e6f8b0db
+def _training(cuts, shared, prof, chapter, arch, proto, seed, tag, epochs, trial=None, expected=None) -> dict:
+    c = cuts[proto]; valid, test = c[c.set == 'valid'], c[c.set == 'test']
+    evals = len(test) + (0 if set(test.path) == set(shared.path) else len(shared)) + int((valid.aug == 0).sum())
+    return dict(chapter=chapter, tag=tag, arch=arch, protocol=proto, seed=seed, trial=trial, size=arch_size(prof, arch),
+                epochs=epochs, expected_epochs=epochs if expected is None else expected,
+                train_images=int((c.set == 'train').sum()), valid_images=len(valid), eval_images=evals)
+
+def plan_trainings(prof:Profile, # the run profile
+                   images:pd.DataFrame, # the run's images, from `plan_images` or `read_mura`
+                   seed:int=0, # the chapters' seed
+                   tune_arch:str='mobilenetv2', # the architecture the tuning chapter searches
+                  ) -> pd.DataFrame:
+    "Every training of the learner and tuning chapters: model tag, architecture, protocol, seed, trial, epochs, images."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # a paper subset capped by a small train split: the data chapter reports it
+        cuts = {p: protocol(images, p, seed=seed, n_images=prof.paper_images) for p in PROTOCOLS}
+    shared, seeds = shared_test(images), range(seed, seed + prof.seeds)
+    def tag(base, s): return base if s == seed else f'{base}-seed{s}'
+    rows = [_training(cuts, shared, prof, 'learner', a, 'official', s, tag(f'{a}-official', s),
+                      exposure_epochs(cuts['official'], prof.epochs)) for a in prof.archs for s in seeds]
+    for p in ['paper', 'paper_clean'] + ([] if 'mobilenetv2' in prof.archs else ['official']):
+        rows += [_training(cuts, shared, prof, 'learner', 'mobilenetv2', p, s, tag(f'mobilenetv2-{p}', s),
+                           exposure_epochs(cuts[p], prof.epochs)) for s in range(seed, seed + prof.protocol_seeds)]
+    per_trial = planned_epochs(prof)['tuning_expected']/max(prof.n_trials - 1, 1)
+    rows += [_training(cuts, shared, prof, 'tuning', tune_arch, 'official', seed, f'{tune_arch}-f1-trial{t:03d}',
+                       prof.epochs, trial=t, expected=per_trial) for t in range(1, prof.n_trials)]
+    return pd.DataFrame(rows)
+
+# %% ../nbs/07_bench.ipynb #fd7d8fbb
+class _StepClock(Callback):
+    "Seconds over the batches after the first `warmup`, training and validation apart; a phase past `budget` s stops."
+    def __init__(self, warmup:int, budget:float):
+        self.warmup, self.budget, self.n, self.clock, self.timed = warmup, budget, {}, {}, {}
+    def before_batch(self):
+        ph = 'train' if self.training else 'valid'
+        n = self.n[ph] = self.n.get(ph, 0) + 1
+        if n == self.warmup + 1: self.clock[ph] = Timer().__enter__()
+        if n <= self.warmup + 1: return
+        self.clock[ph].__exit__(); self.timed[ph] = (n - self.warmup - 1, self.clock[ph].seconds)
+        if n > self.warmup + 2 and self.timed[ph][1] > self.budget:
+            raise CancelTrainException() if self.training else CancelValidException()
+
+def _probe_rows(images:pd.DataFrame, n:int) -> pd.DataFrame:
+    "`n` training and `n` validation rows, repeats of `images`."
+    take = np.resize(np.arange(len(images)), n)
+    return pd.concat([images.iloc[take].assign(set=s) for s in ('train', 'valid')], ignore_index=True)
+
+def _cascade_steps(model) -> int:
+    "Steps of the interpretation chapter's cascading check on `model`: none where it finds no blocks to randomise."
+    try: return len(cascade_blocks(model)) + 1
+    except ValueError: return 0
+
+def probe_rates(images:pd.DataFrame, # a few images (`read_mura` rows), repeated as the probe's batches
+                sizes:dict, # {architecture: input side}
+                bs:int=32, # batch size
+                device:str='cpu', # where the learner trains
+                steps:int=30, # timed steps per phase (the probe may stop sooner: `max_seconds`)
+                warmup:int=2, # untimed first steps
+                max_seconds:float=60., # a phase stops after this many timed seconds (and at least two steps)
+                seed:int=0, # seed of the loaders and weights
+               ) -> pd.DataFrame:
+    "Images per second of the learner's own training step and of its validation pass, per architecture."
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        rows = _probe_rows(images, (steps + warmup + 1)*bs)
+        for a, size in sizes.items():
+            dls = mura_dataloaders(rows, size=size, bs=bs, cache_dir=d, seed=seed, device=device, progress=False)
+            torch.manual_seed(seed); learn = mura_learner(dls, a, size=size); learn.model.to(dls.device)
+            clock = _StepClock(warmup, max_seconds)
+            with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, DEFAULT_LR, cbs=[clock])
+            (n, t), (m, v) = clock.timed['train'], clock.timed['valid']
+            out.append(dict(arch=a, size=size, bs=bs, device=str(dls.device), train_steps=n, train_img_s=bs*n/t,
+                            infer_img_s=bs*m/v, cascade_steps=_cascade_steps(learn.model)))
+    return pd.DataFrame(out).set_index('arch')
+
+# %% ../nbs/07_bench.ipynb #b1ccdf00
+def probe_data(paths:list, # image files like the run's
+               size:int, # the cache's side
+               n:int=8, # images decoded
+              ) -> dict:
+    "Images per second decoded to the grey cache (`load_grey`), and seconds a fresh process takes to import the study."
+    with Timer() as dec: [load_grey(p, size) for p in paths[:n]]
+    with Timer() as start:
+        subprocess.run([sys.executable, '-c', 'import mura_study.interpret, mura_study.tuning'], check=True,
+                       capture_output=True)
+    return dict(decode_img_s=min(n, len(paths))/dec.seconds, start_s=start.seconds)
+
+# %% ../nbs/07_bench.ipynb #5258b43e
+_CURVE = 2*(32 + 1)  # a deletion and an insertion curve of 32 steps: forward passes per scored map
+_CASES = 4  # cases of the interpretation chapter's overlay figure, each with every method
+_SYNTH_EXAMPLE = dict(n_patients=60, size=160)  # the synth chapter's own set: its parameters, which reproduce leaves
+
+def _work(chapter, what, n, rate, **kw) -> dict:
+    return dict(chapter=chapter, what=what, images=int(round(n)), per_s=rate, **kw)
+
+def _interpret_work(prof, rates, n_test, n_boxed) -> list:
+    n_lime, rows = min(prof.n_explain, n_boxed), []
+    for a in prof.archs:
+        r = rates.loc[a]
+        rows += [_work('interpret', 'predictions on the test set', n_test, r.infer_img_s, arch=a),
+                 _work('interpret', 'gradient maps: trained, random weights, each cascade step',
+                       n_boxed*(2 + r.cascade_steps) + _CASES, r.train_img_s, arch=a),
+                 _work('interpret', 'LIME samples', (2*n_lime + _CASES)*prof.lime_samples, r.infer_img_s, arch=a),
+                 _work('interpret', 'deletion and insertion curves', (3*n_boxed + 2*n_lime)*_CURVE, r.infer_img_s,
+                       arch=a)]
+    return rows
+
+def plan_work(prof:Profile, # the run profile
+              images:pd.DataFrame, # the run's images (`plan_images`)
+              trainings:pd.DataFrame, # `plan_trainings`
+              rates:pd.DataFrame, # `probe_rates` of every architecture in `trainings` and `prof.archs`
+              data_rates:dict, # `probe_data`, and `render_img_s` (one process, at `prof.synth_side`)
+              make_data:bool=False, # count rendering the run's synthetic set
+             ) -> pd.DataFrame:
+    "Every pass over images each chapter makes: what, how many images, at what measured rate, and the seconds."
+    test = images[images.split == 'valid']
+    rows = [_work(c, 'kernel start and imports', 1, 1/data_rates['start_s'])
+            for c in ('synth', 'data', 'learner', 'tuning', 'interpret')]
+    render = 2*data_rates['render_img_s']  # make_mura's two worker processes
+    if make_data: rows.insert(0, _work('setup', 'synthetic set rendered (2 workers)', len(images), render))
+    rows += [_work('synth', 'the chapter\'s own example set rendered', len(plan_mura(_SYNTH_EXAMPLE['n_patients'])),
+                   render*(prof.synth_side/_SYNTH_EXAMPLE['size'])**2)]  # rendering costs about its pixels
+    rows += [_work('data', 'images decoded: the check, then the grey cache', 2*len(images), data_rates['decode_img_s'])]
+    for t in trainings.itertuples():
+        r, kw = rates.loc[t.arch], dict(arch=t.arch, tag=t.tag, protocol=t.protocol, seed=t.seed, trial=t.trial,
+                                        epochs=t.epochs, expected_epochs=t.expected_epochs)
+        rows += [_work(t.chapter, 'training', t.train_images*t.expected_epochs, r.train_img_s, **kw),
+                 _work(t.chapter, 'validation and evaluation', t.valid_images*t.expected_epochs + t.eval_images,
+                       r.infer_img_s, **kw)]
+    out = pd.DataFrame(rows + _interpret_work(prof, rates, len(test), int(test.boxed.sum())))
+    return out.assign(seconds=(out.images/out.per_s).round(1))
+
+# %% ../nbs/07_bench.ipynb #7a1d45c5
+def study_plan(prof:Profile, # the run profile
+               data:str|Path|None=None, # a MURA-v1.1 folder; None: the profile's synthetic set
+               device:str='cpu', # where the probe trains (the device the run will use)
+               steps:int|None=None, # timed probe steps per phase (None: 3 on the ci profile, else 30)
+               max_seconds:float=60., # a probe phase stops after this many timed seconds
+               seed:int=0, # the run's seed
+               make_data:bool|None=None, # count rendering the synthetic set (None: when `data` is None)
+              ) -> dict:
+    "The run's trainings, the rates measured on `device`, and every pass over images with its estimated seconds."
+    images = plan_images(prof, data, seed)
+    trainings = plan_trainings(prof, images, seed)
+    sizes = {a: arch_size(prof, a) for a in dict.fromkeys([*prof.archs, *trainings.arch])}
+    with tempfile.TemporaryDirectory() as d:
+        with Timer() as ren: probe = read_mura(make_mura(d, n_patients=4, size=prof.synth_side, seed=seed, n_workers=0,
+                                                         progress=False), progress=False)
+        rates = probe_rates(probe, sizes, bs=prof.bs, device=device, steps=steps or (3 if prof.name == 'ci' else 30),
+                            max_seconds=max_seconds, seed=seed)
+        data_rates = probe_data(list(images.path[:8]) if data is not None else list(probe.path), prof.size)
+    data_rates['render_img_s'] = len(probe)/ren.seconds
+    make_data = data is None if make_data is None else make_data
+    work = plan_work(prof, images, trainings, rates, data_rates, make_data=make_data)
+    return dict(trainings=trainings, rates=rates, data_rates=data_rates, work=work)
+
+# %% ../nbs/07_bench.ipynb #a519b277
+def plan_summary(work:pd.DataFrame, # `study_plan(...)['work']`, or the `plan.csv` a run holds
+                ) -> pd.DataFrame:
+    "Estimated seconds per chapter, in the run's order, with its trainings and their expected epochs, and the total."
+    w = work.assign(training=work.what == 'training')
+    w = w.assign(epochs=w.expected_epochs.where(w.training, 0).fillna(0))
+    g = w.groupby('chapter', sort=False).agg(trainings=('training', 'sum'), epochs=('epochs', 'sum'),
+                                             estimated_s=('seconds', 'sum'))
+    total = pd.DataFrame([dict(trainings=g.trainings.sum(), epochs=g.epochs.sum(), estimated_s=g.estimated_s.sum())],
+                         index=['total'])
+    return pd.concat([g, total]).rename_axis('chapter').astype(dict(trainings=int)).round(1)
+
+# %% ../nbs/07_bench.ipynb #c9a77138
+def plan_markdown(plan:dict, # `study_plan`
+                  prof:Profile, # the run profile
+                 ) -> str:
+    "The plan as Markdown: the estimate per chapter, the rates measured, and every training with its images and time."
+    per_tag = plan['work'].dropna(subset=['tag']).groupby('tag')[['images', 'seconds']].sum()
+    t = plan['trainings'].join(per_tag.rename(columns=dict(images='all_images', seconds='estimated_s')), on='tag')
+    t = t.drop(columns='chapter').set_index(t.chapter)
+    r, d, per_chapter = plan['rates'], plan['data_rates'], plan_summary(plan['work'])
+    return '\n'.join([
+        f"# Plan: profile `{prof.name}`", "", f"Measured on {machine(str(r.device.iloc[0]))}.", "",
+        "## Estimated wall time per chapter", "", per_chapter.to_markdown(floatfmt=('', '.0f', '.1f', '.1f')), "",
+        "## Rates measured (images per second)", "", r.to_markdown(floatfmt='.1f'), "",
+        ', '.join(f"{k}: {v:.1f}" for k, v in d.items()), "",
+        "## Trainings", "", t.to_markdown(floatfmt='.2f'), ""])

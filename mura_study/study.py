@@ -18,12 +18,13 @@ from .core import *
 # %% auto #0
 __all__ = ['bench', 'data', 'interpret', 'learner', 'synth', 'tuning', 'LIBRARY_CHAPTERS', 'PNG_BYTES_PER_PIXEL',
            'CHECKPOINTS_PER_MODEL', 'REPORT_SECTIONS', 'REFERENCE_ARCH', 'FINDINGS', 'FINDING_COLUMNS', 'VERSIONED',
-           'CLAIM', 'CDN_WIDGET_SCRIPTS', 'USER_ERRORS', 'chapters', 'finished', 'to_run', 'chapter_imports',
-           'disk_estimate', 'NotReady', 'preflight', 'run_chapter', 'pinned_cpu', 'reproduce', 'chapter_times',
-           'interval', 'verdict', 'seed_spread', 'arch_finding', 'seed_finding', 'operating_point_finding',
-           'leak_finding', 'control_finding', 'tuning_finding', 'findings', 'chapter_parameters', 'software_versions',
-           'claim_checklist', 'write_report', 'missing_outputs', 'render_html', 'docs_notebook', 'snapshot_run',
-           'docs_source', 'plain_notebook', 'build_docs', 'positive_int', 'positive_float', 'main']
+           'CLAIM', 'CDN_WIDGET_SCRIPTS', 'BENCH_GROUPS', 'USER_ERRORS', 'chapters', 'finished', 'to_run',
+           'chapter_imports', 'disk_estimate', 'NotReady', 'preflight', 'run_chapter', 'pinned_cpu', 'write_plan',
+           'reproduce', 'chapter_times', 'interval', 'verdict', 'seed_spread', 'arch_finding', 'seed_finding',
+           'operating_point_finding', 'leak_finding', 'control_finding', 'tuning_finding', 'findings',
+           'chapter_parameters', 'software_versions', 'claim_checklist', 'write_report', 'missing_outputs',
+           'render_html', 'docs_notebook', 'snapshot_run', 'docs_source', 'plain_notebook', 'build_docs',
+           'positive_int', 'positive_float', 'main']
 
 # %% ../nbs/08_study.ipynb #8379b13f
 class _Chapter:
@@ -201,6 +202,30 @@ def _drop_stale(rd:Path, # the run folder
     for f in [*(rd/'notebooks').glob('*.ipynb'), *(rd/'html').glob('*.html')]:
         if f.stem not in keep: f.unlink(); print(f"{f.relative_to(rd)}: not a chapter of this checkout, removed")
 
+# %% ../nbs/08_study.ipynb #5cba6c0f
+def write_plan(rd:Path, # the folder to write `plan.csv` and `plan.md` into
+               prof:Profile, # the run profile
+               data:str|Path|None=None, # a MURA-v1.1 folder; None: the profile's synthetic set
+               device:str|None=None, # where the probe trains (default: `core.default_device()`)
+               steps:int|None=None, # timed probe steps (default: `bench.study_plan`'s)
+              ) -> Path:
+    "Plan the run of `prof` on `device`, write `plan.csv` (every pass) and `plan.md` into `rd`; return `plan.md`."
+    plan = bench.study_plan(prof, data, device=str(device or default_device()), steps=steps)
+    Path(rd).mkdir(parents=True, exist_ok=True)
+    with atomic_write(Path(rd)/'plan.csv') as t: plan['work'].to_csv(t, index=False)
+    with atomic_write(Path(rd)/'plan.md') as t: t.write_text(bench.plan_markdown(plan, prof))
+    return Path(rd)/'plan.md'
+
+# %% ../nbs/08_study.ipynb #ea3a4027
+def _plan_run(rd:Path, prof:Profile, data:str|None):
+    "`mura-study plan` for the run, in a child process with the profile's CPU pin, as a chapter runs."
+    cmd = [sys.executable, '-c', 'import sys; from mura_study.study import main; sys.exit(main(sys.argv[1:]))', 'plan',
+           '--profile', prof.name, '--out', str(rd), *(['--data', str(data)] if data else [])]
+    with pinned_cpu(prof): out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:  # the estimate is for the reader: a probe that fails must not stop the study
+        print(f"plan: failed, the run goes on without an estimate:\n{out.stderr[-2000:]}", file=sys.stderr)
+    else: print(f"plan: {Path(rd)/'plan.md'}")
+
 # %% ../nbs/08_study.ipynb #7a00e8d2
 def reproduce(profile:str='demo', # run profile: ci, demo or paper
               data:str|None=None, # a MURA-v1.1 folder; None: the synthetic set
@@ -209,7 +234,7 @@ def reproduce(profile:str='demo', # run profile: ci, demo or paper
               nbs:Path|None=None, # chapter notebooks (default: the checkout's `nbs/`)
               html:bool=True, # render the executed notebooks to HTML
              ) -> Path:
-    "Check what the run needs, execute the chapters with papermill into `runs/<name>/`, write `report.md`."
+    "Check what the run needs, plan it, execute the chapters with papermill into `runs/<name>/`, write `report.md`."
     prof, nbs = core.profile(profile), chapters(nbs)
     try: rd = run_dir(name or prof.name)
     except OSError as e:
@@ -217,6 +242,7 @@ def reproduce(profile:str='demo', # run profile: ci, demo or paper
     run_lock(rd, f"reproduce --profile {prof.name} --name {rd.name}")
     if problems := preflight(prof, rd, data=data, nbs=nbs, html=html):
         raise NotReady('the run cannot start:\n' + '\n'.join(problems))
+    if force or not (rd/'plan.csv').is_file(): _plan_run(rd, prof, data)
     params = dict(name=rd.name, profile=prof.name, data_path=str(run_data(rd, prof, data)))
     _drop_stale(rd, nbs)
     todo = to_run(nbs, rd/'notebooks', force)
@@ -256,12 +282,15 @@ REPORT_SECTIONS = [
 
 # %% ../nbs/08_study.ipynb #3e5e08b1
 def chapter_times(rd:Path) -> pd.DataFrame:
-    "Wall time of each executed chapter, from papermill's metadata."
+    "Wall time of each executed chapter, from papermill's metadata, next to the plan's estimate when the run has one."
     rows = []
     for nb in sorted((Path(rd)/'notebooks').glob('*.ipynb')):
         meta = json.loads(nb.read_text()).get('metadata', {}).get('papermill', {})
         rows.append(dict(chapter=nb.stem, seconds=round(meta.get('duration') or float('nan'), 1)))
-    return pd.DataFrame(rows, columns=['chapter', 'seconds'])
+    times = pd.DataFrame(rows, columns=['chapter', 'seconds'])
+    if not (Path(rd)/'plan.csv').is_file(): return times
+    est = pd.read_csv(Path(rd)/'plan.csv').groupby('chapter').seconds.sum()
+    return times.assign(estimated_s=[round(est.get(c.split('_', 1)[-1], float('nan')), 1) for c in times.chapter])
 
 # %% ../nbs/08_study.ipynb #d286e182
 def interval(value:float, # the estimate
@@ -607,6 +636,8 @@ def write_report(rd:Path, # the run folder
     if len(times := chapter_times(rd)):
         save_table(times, rd, 'chapter_times')
         lines += ["", "## Chapter wall times", "", times.to_markdown(index=False, floatfmt='.1f')]
+        if 'estimated_s' in times:
+            lines += ["", "`estimated_s`: the run's plan (`plan.md`), from rates measured before the first chapter."]
     lines += ["", "## Reporting checklist (CLAIM)", "", *claim_checklist(rd, prof, data)]
     with atomic_write(rd/'report.md') as t: t.write_text('\n'.join(lines) + '\n')
     return rd/'report.md'
@@ -798,6 +829,12 @@ def _evaluate(a) -> int:
     res = learner.evaluate(model, rows[rows.set == a.set])
     print(res['study_metrics'].round(3).to_string(index=False)); return 0
 
+def _plan(a) -> int:
+    prof = core.profile(a.profile)
+    if a.out: print(write_plan(a.out, prof, a.data, device=a.device, steps=a.steps).read_text()); return 0
+    plan = bench.study_plan(prof, a.data, device=str(a.device or default_device()), steps=a.steps)
+    print(bench.plan_markdown(plan, prof)); return 0
+
 def _bench(a) -> int:
     res = bench.bench_all(a.size, tuple(a.only), device=a.device)
     out = Path(a.out) if a.out else bench.BENCH_TABLE
@@ -805,7 +842,7 @@ def _bench(a) -> int:
     if out.is_file():  # the rows of the chapters not benchmarked now are kept, in the chapters' order
         old = pd.read_csv(out)
         res = pd.concat([old[~old.chapter.isin(set(res.chapter))], res], ignore_index=True)
-        res = res.sort_values('chapter', key=lambda c: c.map(BENCHMARKS.index), kind='stable').reset_index(drop=True)
+        res = res.sort_values('chapter', key=lambda c: c.map(BENCH_GROUPS.index), kind='stable').reset_index(drop=True)
     with atomic_write(out) as t: res.to_csv(t, index=False)
     print(res.drop(columns='machine').to_string(index=False)); print(f"{res.machine[0]}\nTable: {out}"); return 0
 
@@ -834,6 +871,8 @@ def _add_run_commands(sub):
                    help="patients, train and valid together (default: 200)")
     s.add_argument('--size', type=positive_int, default=512, help="longest image side in pixels (default: 512)")
     s.add_argument('--seed', type=int, default=0, help="same seed, same bytes (default: 0)")
+    s.add_argument('--like', default=None,
+                   help="write a published dataset's counts instead of --patients: mura-v1.1 (40,005 images)")
     c = sub.add_parser('check-data', help="validate a MURA folder: summary and problems; exit 1 on problems")
     c.add_argument('data', help="the MURA-v1.1 folder or the folder holding it")
 
@@ -895,15 +934,35 @@ def _add_kept_run_commands(sub):
                        help="render the docs site of a kept run into _docs/ (Quarto if installed, else nbconvert)")
     d.add_argument('--results', default=None, help="a folder written by 'results' (default: results/demo)")
 
+BENCH_GROUPS = (*BENCHMARKS, 'scale')  # `bench_all`'s groups, in the table's order
+
 def _add_bench_command(sub):
     "bench: every chapter's benchmark, into the table the chapters show."
     b = sub.add_parser('bench', help="every chapter's benchmark ratio in one table")
-    b.add_argument('--only', nargs='+', default=list(BENCHMARKS), choices=BENCHMARKS, help="chapters to benchmark")
+    b.add_argument('--only', nargs='+', default=list(BENCHMARKS), choices=BENCH_GROUPS,
+                   help="chapters to benchmark (default: all but scale); 'scale' times the data path on a synthetic "
+                        "set of MURA-v1.1's size, which it renders first (minutes)")
     b.add_argument('--size', type=positive_int, default=224, help="input side (default: 224)")
     b.add_argument('--device', default='cpu',
                    help="where the loader, prediction and training benchmarks run (default: cpu)")
     b.add_argument('--out', default=None,
                    help="the table to write (default: results/bench.csv, which the chapters show)")
+
+# %% ../nbs/08_study.ipynb #73c82d9d
+def _add_plan_commands(sub):
+    "plan and worker: what a run will cost, and one more process to share its trainings."
+    p = sub.add_parser('plan', help="print a run's trainings, the rates measured on this machine and the estimated "
+                                    "wall time per chapter")
+    p.add_argument('--profile', default='paper', choices=list(PROFILES), help="run size (default: paper)")
+    p.add_argument('--data', default=None, help="a MURA-v1.1 folder (default: the profile's synthetic set, planned)")
+    p.add_argument('--device', default=None, help="where the probe trains (default: cuda when there is one, else cpu)")
+    p.add_argument('--steps', type=positive_int, default=None, help="timed probe steps (default: 3 on ci, else 30)")
+    p.add_argument('--out', default=None, help="a folder to write plan.csv and plan.md into (default: print only)")
+    w = sub.add_parser('worker', help="take the trainings of a run from its study database until none is left")
+    w.add_argument('--run', required=True, help="the run's name, its folder under runs/ (shared by every worker)")
+    w.add_argument('--storage', default=None, help="database URL shared by workers (default: the run's SQLite file)")
+    w.add_argument('--device', default=None, help="where this worker trains, e.g. cuda:1 (default: cuda or cpu)")
+    w.add_argument('--max-jobs', type=positive_int, default=None, help="stop after this many jobs (default: no limit)")
 
 # %% ../nbs/08_study.ipynb #8b7441a5
 def _parser() -> argparse.ArgumentParser:
@@ -911,7 +970,7 @@ def _parser() -> argparse.ArgumentParser:
                 "reproduce the study, or run one step of it. 'mura-study COMMAND --help' explains each command.")
     sub = p.add_subparsers(dest='cmd', metavar='COMMAND', parser_class=_Parser)
     for add in (_add_run_commands, _add_model_commands, _add_tune_command, _add_explain_command, _add_kept_run_commands,
-                _add_bench_command): add(sub)
+                _add_plan_commands, _add_bench_command): add(sub)
     return p
 
 # %% ../nbs/08_study.ipynb #34c41077
@@ -920,7 +979,8 @@ def _run(a) -> int:
     if a.cmd == 'reproduce':
         rd = reproduce(a.profile, data=a.data, name=a.name, force=a.force, html=not a.no_html)
         print(f"Results in {rd}\nReport: {rd/'report.md'}"); return 0
-    if a.cmd == 'synth': print(synth.make_mura(a.dest, n_patients=a.patients, size=a.size, seed=a.seed)); return 0
+    if a.cmd == 'synth':
+        print(synth.make_mura(a.dest, n_patients=a.patients, size=a.size, seed=a.seed, like=a.like)); return 0
     if a.cmd == 'check-data': return _check_data(a)
     if a.cmd == 'train': return _train(a)
     if a.cmd == 'evaluate': return _evaluate(a)
@@ -934,6 +994,11 @@ def _run(a) -> int:
     if a.cmd == 'results': print(snapshot_run(run_dir(a.name), project_root()/'results'/a.name)); return 0
     if a.cmd == 'docs': pages = build_docs(a.results); print(f"{len(pages)} pages in {pages[0].parent}"); return 0
     if a.cmd == 'bench': return _bench(a)
+    if a.cmd == 'plan': return _plan(a)
+    if a.cmd == 'worker':
+        learner = importlib.import_module('mura_study.learner')  # the study's trainings as jobs: learner.work
+        done = learner.work(a.run, storage=a.storage, device=a.device, max_jobs=a.max_jobs)
+        print(f"{done} job(s) done"); return 0
 
 # %% ../nbs/08_study.ipynb #2db09316
 USER_ERRORS = (NotReady, RunBusy, ValueError, FloatingPointError,  # a bad value, a training that diverged

@@ -1,6 +1,6 @@
 """End to end: `mura-study reproduce --profile ci` executes every chapter and writes what the study promises; and the
 commands around it: their options, and the benchmark table `bench` writes."""
-import os, re, subprocess, sys, time
+import json, os, re, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
@@ -65,6 +65,35 @@ def test_report_opens_with_findings_and_planned_epochs_and_ends_with_the_checkli
     claim = (rd / "report.md").read_text().split("## Reporting checklist (CLAIM)\n", 1)[1]
     assert claim.count("\n- **") == len(study.CLAIM) and "not in this run" not in claim
     assert "mura-study reproduce --profile ci --name ci`" in claim and "ATEN_CPU_CAPABILITY=avx2" in claim
+
+
+def test_the_plan_counts_what_the_chapters_then_trained(ci_run):
+    "plan.csv, written before the first chapter, names every model the chapters trained, with its epochs and images."
+    rd, out = ci_run
+    assert "plan: " in out and (rd / "plan.md").is_file()
+    plan = pd.read_csv(rd / "plan.csv")
+    trained = plan[plan.what == "training"]
+    learned = trained[trained.chapter == "learner"]
+    made = {p.parent.parent.name: json.loads(p.read_text()) for p in (rd / "models").glob("*/final/config.json")}
+    assert set(made) == set(learned.tag)
+    assert {t: made[t]["epochs"] for t in learned.tag} == dict(zip(learned.tag, learned.epochs))
+    sets = pd.read_csv(rd / "tables" / "official_sets.csv").query("body_part == 'ALL'").set_index("set").images
+    official = learned[learned.tag == "mobilenetv2-official"].iloc[0]
+    assert official.images == sets["train"] * official.epochs
+    cost = pd.read_csv(rd / "tables" / "tuning_cost.csv")
+    searched, planned = cost[~cost.baseline.astype(bool)], trained[trained.chapter == "tuning"]
+    assert len(searched) == len(planned) > 0
+    assert sorted(searched.epochs_trained) == sorted(planned.epochs)  # one epoch per trial: no rung to prune at
+    assert sorted(searched.model) == sorted(planned.tag)
+
+
+def test_report_shows_each_chapter_estimate_beside_its_time(ci_run):
+    rd, _ = ci_run
+    times = pd.read_csv(rd / "tables" / "chapter_times.csv")
+    assert list(times.columns) == ["chapter", "seconds", "estimated_s"]
+    assert times.estimated_s.notna().all() and (times.estimated_s > 0).all()
+    section = (rd / "report.md").read_text().split("## Chapter wall times\n", 1)[1]
+    assert "estimated_s" in section.split("\n## ", 1)[0]
 
 
 def test_rerun_keeps_finished_chapters(ci_run, tmp_path):
