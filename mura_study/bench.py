@@ -6,6 +6,7 @@
 from __future__ import annotations
 import json, math, os, random, re, shutil, subprocess, sys, tempfile, warnings
 from copy import deepcopy
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,10 @@ from .interpret import (batches, best_batch_size, cascade_blocks, gradcam, gradc
                                   model_device, saliency)
 
 # %% auto #0
-__all__ = ['SCALE_STEPS', 'BENCH_TABLE', 'bench_synth', 'channel_cost', 'bench_loader', 'bench_predict', 'bench_loop',
-           'bench_cpu_pin', 'lime_defaults', 'bench_explain', 'mura_subset', 'scale_step', 'bench_scale', 'machine',
-           'meets', 'bench_all', 'bench_results', 'arch_size', 'plan_images', 'plan_trainings', 'probe_rates',
-           'probe_data', 'plan_work', 'study_plan', 'plan_summary', 'plan_markdown']
+__all__ = ['SCALE_STEPS', 'BENCH_TABLE', 'bench_synth', 'bench_synth_labels', 'channel_cost', 'bench_loader', 'bench_predict',
+           'bench_loop', 'bench_cpu_pin', 'lime_defaults', 'bench_explain', 'mura_subset', 'scale_step', 'bench_scale',
+           'machine', 'meets', 'bench_all', 'bench_results', 'arch_size', 'plan_images', 'plan_trainings',
+           'probe_rates', 'probe_data', 'plan_work', 'study_plan', 'plan_summary', 'plan_markdown']
 
 # %% ../nbs/07_bench.ipynb #60abf8d2
 def bench_synth(n_patients:int=900, # patients of the set: 900 is the demo profile's
@@ -48,6 +49,23 @@ def bench_synth(n_patients:int=900, # patients of the set: 900 is the demo profi
     res['images'] = len(plan_mura(n_patients, seed))
     res['speedup'] = round(res['seconds_1_workers']/res[f'seconds_{max(n_workers, 1)}_workers'], 2)
     return res
+
+# %% ../nbs/07_bench.ipynb #49733f3f
+def bench_synth_labels(n_patients:int=120, # patients of each set written
+                       size:int=512, # longest image side in pixels
+                       repeats:int=3, # sets written without and with label maps, alternately
+                       seed:int=0, # dataset seed
+                      ) -> dict:
+    "Seconds `make_mura` (one process) takes without and with label maps, the best of `repeats` each, and their ratio."
+    secs = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(repeats):
+            for anatomy in ((False, True) if k % 2 == 0 else (True, False)):
+                secs[anatomy].append(seconds(make_mura, Path(tmp)/f'{k}-{anatomy}', n_patients=n_patients, size=size,
+                                             seed=seed, n_workers=0, progress=False, anatomy=anatomy))
+    without, labelled = min(secs[False]), min(secs[True])
+    return dict(images=len(plan_mura(n_patients, seed)), size=size, seconds_without=round(without, 2),
+                seconds_with=round(labelled, 2), ratio=round(labelled/without, 3))
 
 # %% ../nbs/07_bench.ipynb #683560ba
 def channel_cost(arch:str='mobilenetv2_100', # a timm model id
@@ -383,9 +401,10 @@ def bench_scale(root:Path|str|None=None, # a MURA-v1.1 folder; None: a synthetic
                       seconds=res.seconds.round(2), peak_MB=res.peak_MB.round(0))
 
 # %% ../nbs/07_bench.ipynb #09bf01ba
-def _scale_rows(size, device) -> list:
-    s = bench_scale(size=size)
+def _scale_rows(size, device, data=None) -> list:
+    s = bench_scale(data, size=size)
     print(s.to_string(index=False))  # the table at every size; the benchmark table keeps its four verdicts
+    with atomic_write(BENCH_TABLE.parent/'scale.csv') as t: s.to_csv(t, index=False)  # shown by this chapter
     full, worst = s[s.fraction == 1].set_index('step'), s.groupby('step').per_image_vs_smallest.last()
     return [('scale', 'check-data at full size', full.seconds['check-data'], '<= 120', 's', size),
             ('scale', 'three protocols + leakage reports at full size', full.seconds['protocols + leakage'], '<= 30',
@@ -405,8 +424,9 @@ def machine(device:str='cpu', # the device the benchmarks ran on
 _COLUMNS = ['chapter', 'benchmark', 'measured', 'target', 'unit']  # then `size` and `machine`
 
 def _synth_rows(size, device) -> list:
-    r = bench_synth(n_patients=300, size=320)
-    return [('synth', 'demo-sized set, 2 workers vs 1', r['speedup'], '> 1', 'x faster', 320)]
+    r, labels = bench_synth(n_patients=300, size=320), bench_synth_labels(n_patients=120, size=512)
+    return [('synth', 'demo-sized set, 2 workers vs 1', r['speedup'], '> 1', 'x faster', 320),
+            ('synth', 'make_mura with label maps vs without, one process', labels['ratio'], '<= 1.25', 'x', 512)]
 
 def _data_rows(size, device) -> list:
     loader, channels = bench_loader(size=size, device=device), channel_cost(size=size)
@@ -432,7 +452,7 @@ def _interpret_rows(size, device) -> list:
              pick('Grad-CAM + saliency (one pass), 1 image'), '<= 4', 'x', size)]
 
 _CHAPTER_ROWS = dict(synth=_synth_rows, data=_data_rows, learner=_learner_rows, interpret=_interpret_rows,
-                     scale=_scale_rows)  # 'scale' runs only when named: it renders a set of MURA's size first
+                     scale=_scale_rows)  # 'scale' runs only when named: it times a set of MURA's size
 
 # %% ../nbs/07_bench.ipynb #78bb3c19
 def meets(measured:float, # the measured ratio
@@ -448,9 +468,11 @@ def meets(measured:float, # the measured ratio
 def bench_all(size:int=224, # model input side of the loader and explanation benchmarks
               only:tuple=BENCHMARKS, # chapters to benchmark; add 'scale' for the data path at MURA's size
               device:str='cpu', # where the loader, prediction and training benchmarks run
+              data:str|Path|None=None, # a MURA-v1.1 folder for 'scale' (None: it renders one of MURA's counts)
              ) -> pd.DataFrame:
     "Every chapter's benchmark, one row per ratio, next to its target and the machine that measured it."
-    rows = [row for c in _CHAPTER_ROWS if c in only for row in _CHAPTER_ROWS[c](size, device)]
+    rows_of = {**_CHAPTER_ROWS, 'scale': partial(_scale_rows, data=data)}
+    rows = [row for c in rows_of if c in only for row in rows_of[c](size, device)]
     res = pd.DataFrame(rows, columns=[*_COLUMNS, 'size']).round(2)
     return res.assign(meets_target=[meets(m, t) for m, t in zip(res.measured, res.target)], machine=machine(device))
 

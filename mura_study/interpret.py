@@ -499,14 +499,24 @@ def cascade_blocks(model:nn.Module, # a study model (`MuraModel`) or a timm-styl
     body = model.net[0].model if isinstance(model, MuraModel) else model
     head = (model.net[1] if isinstance(model, MuraModel) else body.get_classifier() if hasattr(body, 'get_classifier')
             else next((getattr(body, k) for k in ('head', 'classifier', 'fc') if hasattr(body, k)), None))
+    kids = list(body.named_children())
     names = [k for k in ('blocks', 'stages', 'features', 'layers') if isinstance(getattr(body, k, None), nn.Sequential)]
-    if not names: raise ValueError(f"{type(body).__name__} has no `blocks`, `stages` or `features` Sequential: "
-                                   "the cascading check needs a network built of blocks (e.g. a timm model).")
-    kids = list(body.named_children()); at = [n for n, _ in kids].index(names[0])
-    top = [(n, m) for n, m in kids[at+1:] if m is not head and any(True for _ in m.parameters())]
-    out = [('head', head)] if head is not None and any(True for _ in head.parameters()) else []
-    if top: out.append(('+'.join(n for n, _ in top), nn.ModuleList([m for _, m in top])))
-    return out + [(f'{names[0]}.{n}', m) for n, m in reversed(list(getattr(body, names[0]).named_children()))]
+    if names:  # timm's usual layout: the blocks in one Sequential
+        at, blocks = [n for n, _ in kids].index(names[0]), list(getattr(body, names[0]).named_children())
+        blocks = [(f'{names[0]}.{n}', m) for n, m in blocks]
+    else:  # numbered children instead (Xception's block1..block12, a ResNet's layer1..layer4)
+        blocks = [(n, m) for n, m in kids if n.rstrip('0123456789') in ('block', 'layer') and n[-1].isdigit()]
+        if not blocks: raise ValueError(
+            f"{type(body).__name__} has no `blocks`, `stages` or `features` Sequential and no numbered blocks: the "
+            "cascading check needs a network built of blocks (e.g. a timm model).")
+        at = [n for n, _ in kids].index(blocks[-1][0])
+    learns = lambda m: any(True for _ in m.parameters())  # a ReLU or a pooling layer has nothing to re-initialise
+    top = [(n, m) for n, m in kids[at+1:] if m is not head and learns(m)]
+    out = [('head', head)] if head is not None and learns(head) else []
+    if top:
+        name = '+'.join(n for n, _ in top)
+        out.append((f'body.{name}' if name == 'head' else name, nn.ModuleList([m for _, m in top])))
+    return out + [(n, m) for n, m in reversed(blocks) if learns(m)]
 
 # %% ../nbs/06_interpret.ipynb #8a173f04
 def edge_maps(images:np.ndarray, # (N,H,W) images as the model saw them (`explain`'s 'image')

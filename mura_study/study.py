@@ -18,10 +18,10 @@ from .core import *
 # %% auto #0
 __all__ = ['bench', 'data', 'interpret', 'learner', 'synth', 'tuning', 'LIBRARY_CHAPTERS', 'PNG_BYTES_PER_PIXEL',
            'CHECKPOINTS_PER_MODEL', 'REPORT_SECTIONS', 'REFERENCE_ARCH', 'FINDINGS', 'FINDING_COLUMNS', 'VERSIONED',
-           'CLAIM', 'CDN_WIDGET_SCRIPTS', 'BENCH_GROUPS', 'USER_ERRORS', 'chapters', 'finished', 'to_run',
-           'chapter_imports', 'disk_estimate', 'NotReady', 'preflight', 'run_chapter', 'pinned_cpu', 'write_plan',
-           'reproduce', 'chapter_times', 'interval', 'verdict', 'seed_spread', 'arch_finding', 'seed_finding',
-           'operating_point_finding', 'leak_finding', 'control_finding', 'tuning_finding', 'findings',
+           'CLAIM', 'FAITH_NOT_SCORES', 'CDN_WIDGET_SCRIPTS', 'BENCH_GROUPS', 'USER_ERRORS', 'chapters', 'finished',
+           'to_run', 'chapter_imports', 'disk_estimate', 'NotReady', 'preflight', 'run_chapter', 'pinned_cpu',
+           'write_plan', 'reproduce', 'chapter_times', 'interval', 'verdict', 'seed_spread', 'arch_finding',
+           'seed_finding', 'operating_point_finding', 'leak_finding', 'control_finding', 'tuning_finding', 'findings',
            'chapter_parameters', 'software_versions', 'claim_checklist', 'write_report', 'missing_outputs',
            'render_html', 'docs_notebook', 'snapshot_run', 'docs_source', 'plain_notebook', 'build_docs',
            'positive_int', 'positive_float', 'main']
@@ -78,7 +78,7 @@ def chapter_imports(nbs:list[Path], # chapter notebooks, as from `chapters`
     return sorted(names - {'__future__'})
 
 # %% ../nbs/08_study.ipynb #bbc74fb7
-PNG_BYTES_PER_PIXEL = 0.6  # synthetic radiographs as PNG: about 0.55 byte per pixel, rounded up
+PNG_BYTES_PER_PIXEL = 0.65  # a synthetic radiograph and its label map as PNG: about 0.55 + 0.08 byte per image pixel
 
 # %% ../nbs/08_study.ipynb #6797f715
 CHECKPOINTS_PER_MODEL = 5  # copies of a model's weights a training writes
@@ -227,12 +227,18 @@ def _plan_run(rd:Path, prof:Profile, data:str|None):
     else: print(f"plan: {Path(rd)/'plan.md'}")
 
 # %% ../nbs/08_study.ipynb #7a00e8d2
+def _declared(nb:Path) -> dict:
+    "The parameters a chapter's `parameters` cell declares."
+    import papermill as pm
+    return pm.inspect_notebook(nb)
+
 def reproduce(profile:str='demo', # run profile: ci, demo or paper
               data:str|None=None, # a MURA-v1.1 folder; None: the synthetic set
               name:str|None=None, # run name (default: the profile's name)
               force:bool=False, # rerun chapters that already finished
               nbs:Path|None=None, # chapter notebooks (default: the checkout's `nbs/`)
               html:bool=True, # render the executed notebooks to HTML
+              storage:str|None=None, # the study database's URL for the chapters that share work (None: SQLite file)
              ) -> Path:
     "Check what the run needs, plan it, execute the chapters with papermill into `runs/<name>/`, write `report.md`."
     prof, nbs = core.profile(profile), chapters(nbs)
@@ -249,7 +255,8 @@ def reproduce(profile:str='demo', # run profile: ci, demo or paper
     for nb in nbs:
         if nb not in todo: print(f"{nb.stem}: finished earlier, kept"); continue
         print(f"{nb.stem}: running")
-        with pinned_cpu(prof): secs = run_chapter(nb, rd/'notebooks'/nb.name, params)
+        shared = dict(storage=storage) if storage and 'storage' in _declared(nb) else {}  # learner and tuning
+        with pinned_cpu(prof): secs = run_chapter(nb, rd/'notebooks'/nb.name, {**params, **shared})
         print(f"{nb.stem}: done in {secs:.0f} s")
     write_report(rd, prof, data)
     if html: render_html(rd)
@@ -553,6 +560,9 @@ def _claim_training(rd:Path, prof:Profile) -> dict:
                 f"{metric.replace('f1', 'F1')} over {space}; {pruned}"}
 
 # %% ../nbs/08_study.ipynb #139ac9a7
+# columns of tables/faithfulness.csv that are not scores: keys, the chosen-layer flag, verdicts and baselines
+FAITH_NOT_SCORES = ('arch', 'method', 'gradcam', 'sanity', 'cascade', 'chance', 'deletion_random', 'insertion_random')
+
 def _claim_evaluation(rd:Path, prof:Profile) -> dict:
     "CLAIM items 28 to 32, 35 and 36, from the evaluation tables and the chapters' parameters."
     boots = {nb.stem: p['n_boot'] for nb in sorted((Path(rd)/'notebooks').glob('*.ipynb'))
@@ -568,10 +578,12 @@ def _claim_evaluation(rd:Path, prof:Profile) -> dict:
                 "control (tables/leak_control.csv); the threshold chosen on validation (tables/operating_point.csv)",
             31: ("not in this run: tables/faithfulness.csv is missing" if faith is None else
                  f"{', '.join(faith.method.unique())}, scored by "
-                 f"{', '.join(faith.columns.drop(['arch', 'method', 'sanity'], errors='ignore'))}; the sanity check "
-                 "(do the maps change when the weights are randomised?): "
-                 + ', '.join(f"{r.arch} {r.method} {r.sanity}" for r in faith.itertuples())
-                 + " (tables/faithfulness.csv)"),
+                 f"{', '.join(c for c in faith.columns if c not in FAITH_NOT_SCORES)} (each next to its chance or "
+                 "random baseline); the sanity checks (do the maps change when the weights are randomised, at once "
+                 "and block by block from the top?): "
+                 + ', '.join(f"{r.arch} {r.method} {r.sanity}, cascade {getattr(r, 'cascade', 'not run')}"
+                             for r in faith.itertuples())
+                 + "; anatomy energy per class in tables/anatomy_energy.csv (tables/faithfulness.csv)"),
             32: "none in this run: every test set comes from the same source as its training set",
             35: ("not in this run: tables/kappa_by_body_part.csv is missing" if kappa is None else
                  f"the test set's study kappa of each architecture per body part "
@@ -836,7 +848,7 @@ def _plan(a) -> int:
     print(bench.plan_markdown(plan, prof)); return 0
 
 def _bench(a) -> int:
-    res = bench.bench_all(a.size, tuple(a.only), device=a.device)
+    res = bench.bench_all(a.size, tuple(a.only), device=a.device, data=a.data)
     out = Path(a.out) if a.out else bench.BENCH_TABLE
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_file():  # the rows of the chapters not benchmarked now are kept, in the chapters' order
@@ -865,6 +877,8 @@ def _add_run_commands(sub):
     r.add_argument('--name', default=None, help="run name, the folder under runs/ (default: the profile)")
     r.add_argument('--force', action='store_true', help="rerun chapters that already finished")
     r.add_argument('--no-html', action='store_true', help="skip rendering the executed notebooks to HTML")
+    r.add_argument('--storage', default=None, help="database URL the learner and tuning chapters share with "
+                   "`mura-study worker` and `tune` processes (default: the run's SQLite file)")
     s = sub.add_parser('synth', help="write a synthetic dataset in the MURA-v1.1 layout")
     s.add_argument('dest', help="folder to write MURA-v1.1/ into (must be empty or new)")
     s.add_argument('--patients', type=positive_int, default=200,
@@ -945,6 +959,8 @@ def _add_bench_command(sub):
     b.add_argument('--size', type=positive_int, default=224, help="input side (default: 224)")
     b.add_argument('--device', default='cpu',
                    help="where the loader, prediction and training benchmarks run (default: cpu)")
+    b.add_argument('--data', default=None,
+                   help="scale only: an existing MURA-v1.1 folder to time (default: render one of MURA-v1.1's counts)")
     b.add_argument('--out', default=None,
                    help="the table to write (default: results/bench.csv, which the chapters show)")
 
@@ -977,7 +993,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(a) -> int:
     "Run the parsed command `a`; return its exit status."
     if a.cmd == 'reproduce':
-        rd = reproduce(a.profile, data=a.data, name=a.name, force=a.force, html=not a.no_html)
+        rd = reproduce(a.profile, data=a.data, name=a.name, force=a.force, html=not a.no_html, storage=a.storage)
         print(f"Results in {rd}\nReport: {rd/'report.md'}"); return 0
     if a.cmd == 'synth':
         print(synth.make_mura(a.dest, n_patients=a.patients, size=a.size, seed=a.seed, like=a.like)); return 0
@@ -1002,7 +1018,8 @@ def _run(a) -> int:
 
 # %% ../nbs/08_study.ipynb #2db09316
 USER_ERRORS = (NotReady, RunBusy, ValueError, FloatingPointError,  # a bad value, a training that diverged
-               FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+               FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+               ConnectionError)  # a study database that cannot be reached (its message names the fix)
 
 # %% ../nbs/08_study.ipynb #d18d9194
 def main(argv:list[str]|None=None) -> int:
