@@ -21,10 +21,10 @@ __all__ = ['bench', 'data', 'interpret', 'learner', 'synth', 'tuning', 'LIBRARY_
            'CLAIM', 'FAITH_NOT_SCORES', 'CDN_WIDGET_SCRIPTS', 'BENCH_GROUPS', 'USER_ERRORS', 'chapters', 'finished',
            'to_run', 'chapter_imports', 'disk_estimate', 'NotReady', 'preflight', 'run_chapter', 'pinned_cpu',
            'write_plan', 'reproduce', 'chapter_times', 'interval', 'verdict', 'seed_spread', 'arch_finding',
-           'seed_finding', 'operating_point_finding', 'leak_finding', 'control_finding', 'tuning_finding', 'findings',
-           'chapter_parameters', 'software_versions', 'claim_checklist', 'write_report', 'missing_outputs',
-           'render_html', 'docs_notebook', 'snapshot_run', 'docs_source', 'plain_notebook', 'build_docs',
-           'positive_int', 'positive_float', 'main']
+           'seed_finding', 'operating_point_finding', 'leak_finding', 'control_finding', 'tuning_finding',
+           'explanation_finding', 'findings', 'chapter_parameters', 'software_versions', 'claim_checklist',
+           'write_report', 'missing_outputs', 'render_html', 'docs_notebook', 'snapshot_run', 'docs_source',
+           'plain_notebook', 'build_docs', 'positive_int', 'positive_float', 'main']
 
 # %% ../nbs/08_study.ipynb #8379b13f
 class _Chapter:
@@ -413,18 +413,48 @@ def tuning_finding(gain:pd.DataFrame, # `tables/tuning_gain.csv`: `paired_bootst
             f"{verdict(r.gain_lo, r.gain_hi, r.gain, spread)} (validation F1 {r.valid_baseline:.3f} untuned, "
             f"{r.valid_tuned:.3f} tuned, trial {int(r.winner_trial)}).")
 
+# %% ../nbs/08_study.ipynb #3faaee38
+_METHOD_NAMES = dict(gradcam_last='Grad-CAM at its last stage', gradcam_fine='Grad-CAM one stride finer',
+                     saliency='saliency', lime='LIME')
+
+def _listed(names:list) -> str: return ' and '.join([', '.join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+def explanation_finding(long:pd.DataFrame, # `tables/faithfulness_long.csv`: arch, method, score, n, mean, low, high
+                        tables:Path|None=None, # the run's tables: `faithfulness.csv` names the chosen layer, verdicts
+                       ) -> str:
+    "The reference model's pointing (hit) per method against chance, and the cascading check's verdicts."
+    arch = REFERENCE_ARCH if REFERENCE_ARCH in set(long.arch) else long.arch.iloc[0]
+    rows, f = long[long.arch == arch].set_index(['method', 'score']), Path(tables or '')/'faithfulness.csv'
+    faith = pd.read_csv(f).query('arch == @arch').set_index('method') if tables and f.is_file() else None
+    chosen = set(faith.index[faith.gradcam.astype(str) == 'chosen']) if 'gradcam' in getattr(faith, 'columns', ()) \
+        else set()
+    methods = [m for m in dict.fromkeys(rows.index.get_level_values('method')) if (m, 'pointing_hit') in rows.index]
+    hits = [f"{interval(r['mean'], r.low, r.high)} for {_METHOD_NAMES.get(m, m)}"
+            + (" (the layer chosen on validation)" if m in chosen else "")
+            for m in methods for r in [rows.loc[(m, 'pointing_hit')]]]
+    first, chance = rows.loc[(methods[0], 'pointing_hit')], rows.loc[(methods[0], 'chance')]['mean']
+    text = (f"the share of {arch}'s test images with a finding on which a map peaks (pointing, hit) is "
+            f"{_listed(hits)} ({int(first.n)} images for the gradient methods), against {chance:.3f} by chance")
+    if 'cascade' not in getattr(faith, 'columns', ()): return text + '.'
+    verdicts = faith.cascade.dropna().astype(str)
+    said = {v: [_METHOD_NAMES.get(m, m) for m, w in verdicts.items() if w.startswith(v)] for v in ('pass', 'fail')}
+    return (f"{text}; the cascading randomisation check passes {_listed(said['pass']) or 'none'} and fails "
+            f"{_listed(said['fail']) or 'none'}.")
+
 # %% ../nbs/08_study.ipynb #ff3ef78c
 FINDINGS = [  # (label, table, the function that writes its sentence)
     ('Architectures', 'arch_differences', arch_finding), ('Seeds', 'arch_differences', seed_finding),
     ('Operating point', 'operating_point', operating_point_finding), ('Leak', 'leak', leak_finding),
-    ('Leak detector', 'leak_control', control_finding), ('Tuning', 'tuning_gain', tuning_finding)]
+    ('Leak detector', 'leak_control', control_finding), ('Tuning', 'tuning_gain', tuning_finding),
+    ('Explanations', 'faithfulness_long', explanation_finding)]
 _LEAK_COLUMNS = 'protocol metric inflation inflation_lo inflation_hi vs_ref vs_ref_lo vs_ref_hi'
 FINDING_COLUMNS = {  # what the sentences read of each table
     'leak': _LEAK_COLUMNS, 'leak_control': _LEAK_COLUMNS,
     'arch_differences': 'model metric value lo hi seed_sd n_seeds ref diff diff_lo diff_hi',
     'operating_point': 'model threshold test_f1_05 test_f1_05_lo test_f1_05_hi test_f1_t test_f1_t_lo test_f1_t_hi',
     'tuning_gain': 'metric baseline baseline_lo baseline_hi gain gain_lo gain_hi valid_baseline valid_tuned '
-                   'winner_trial winner_is_baseline'}
+                   'winner_trial winner_is_baseline',
+    'faithfulness_long': 'arch method score n mean low high'}
 
 def findings(tables:Path, # the run's `tables/` folder
             ) -> list[str]:
@@ -438,7 +468,8 @@ def findings(tables:Path, # the run's `tables/` folder
         if lacks := [c for c in FINDING_COLUMNS[stem].split() if c not in df]:
             raise ValueError(f"tables/{stem}.csv lacks the column(s) {lacks}: it was written by an older chapter. "
                              "Fix: mura-study reproduce --force.")
-        kw = dict(spread=spread) if 'spread' in inspect.signature(finder).parameters else {}
+        wants = inspect.signature(finder).parameters
+        kw = {k: v for k, v in dict(spread=spread, tables=tables).items() if k in wants}
         out.append(f"**{label}**: {finder(df, **kw)}")
     return out
 
@@ -581,7 +612,8 @@ def _claim_evaluation(rd:Path, prof:Profile) -> dict:
                  f"{', '.join(c for c in faith.columns if c not in FAITH_NOT_SCORES)} (each next to its chance or "
                  "random baseline); the sanity checks (do the maps change when the weights are randomised, at once "
                  "and block by block from the top?): "
-                 + ', '.join(f"{r.arch} {r.method} {r.sanity}, cascade {getattr(r, 'cascade', 'not run')}"
+                 + ', '.join(f"{r.arch} {r.method} {getattr(r, 'sanity', 'not run')}, cascade "
+                             f"{getattr(r, 'cascade', 'not run')}"
                              for r in faith.itertuples())
                  + "; anatomy energy per class in tables/anatomy_energy.csv (tables/faithfulness.csv)"),
             32: "none in this run: every test set comes from the same source as its training set",
