@@ -72,9 +72,8 @@ check-readme: $(VENV)/.installed-dev
 nbtest: $(VENV)/.installed-dev
 	$(BIN)/nbdev-test --n-workers 2 --timing
 
-# Two workers of one thread each (tests/conftest.py keeps a file's tests, and the end-to-end run's, on one worker).
 pytest: $(VENV)/.installed-dev
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -q tests
 
 # The site of the kept demo run (results/demo), nothing re-executed: Quarto's when quarto exists (on the path, or
 # installed into .tools/quarto by ../shared/tools/quarto/install.sh), otherwise nbconvert's pages.
