@@ -72,8 +72,10 @@ check-readme: $(VENV)/.installed-dev
 nbtest: $(VENV)/.installed-dev
 	$(BIN)/nbdev-test --n-workers 2 --timing
 
+# Two workers of one thread each, and every chapter a test runs on one thread too (MURA_STUDY_THREADS), so that the
+# two never share a core; tests/conftest.py keeps a file's tests, and all that read the end-to-end run, on one worker.
 pytest: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q tests
+	MURA_STUDY_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 # The site of the kept demo run (results/demo), nothing re-executed: Quarto's when quarto exists (on the path, or
 # installed into .tools/quarto by ../shared/tools/quarto/install.sh), otherwise nbconvert's pages.

@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader as TorchLoader, Dataset
 from PIL import Image
 import timm
+import optuna
+from optuna.trial import TrialState
 from lime import lime_image
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelTrainException, CancelValidException
@@ -29,10 +31,12 @@ from .interpret import (batches, best_batch_size, cascade_blocks, gradcam, gradc
                                   model_device, saliency)
 
 # %% auto #0
-__all__ = ['SCALE_STEPS', 'BENCH_TABLE', 'bench_synth', 'bench_synth_labels', 'channel_cost', 'bench_loader', 'bench_predict',
-           'bench_loop', 'bench_cpu_pin', 'lime_defaults', 'bench_explain', 'mura_subset', 'scale_step', 'bench_scale',
-           'machine', 'meets', 'bench_all', 'bench_results', 'arch_size', 'plan_images', 'plan_trainings',
-           'probe_rates', 'probe_data', 'plan_work', 'study_plan', 'plan_summary', 'plan_markdown']
+__all__ = ['SCALE_STEPS', 'BENCH_TABLE', 'CHAPTER_EXAMPLES_S', 'REFERENCE_START_S', 'bench_synth', 'bench_synth_labels',
+           'channel_cost', 'bench_loader', 'bench_predict', 'bench_loop', 'bench_cpu_pin', 'lime_defaults',
+           'bench_explain', 'mura_subset', 'scale_step', 'bench_scale', 'machine', 'meets', 'bench_all',
+           'bench_results', 'arch_size', 'plan_images', 'plan_trainings', 'probe_rates', 'probe_data',
+           'example_seconds', 'examples_measured', 'plan_work', 'reused_trainings', 'study_plan', 'plan_summary',
+           'plan_markdown']
 
 # %% ../nbs/07_bench.ipynb #60abf8d2
 def bench_synth(n_patients:int=900, # patients of the set: 900 is the demo profile's
@@ -569,14 +573,15 @@ def probe_rates(images:pd.DataFrame, # a few images (`read_mura` rows), repeated
                 device:str='cpu', # where the learner trains
                 steps:int=30, # timed steps per phase (the probe may stop sooner: `max_seconds`)
                 warmup:int=2, # untimed first steps
-                max_seconds:float=60., # a phase stops after this many timed seconds (and at least two steps)
+                max_seconds:float=20., # a phase stops after this many timed seconds (and at least two steps)
                 seed:int=0, # seed of the loaders and weights
+                progress:bool=False, # a line on stderr per architecture probed
                ) -> pd.DataFrame:
     "Images per second of the learner's own training step and of its validation pass, per architecture."
     out = []
     with tempfile.TemporaryDirectory() as d:
         rows = _probe_rows(images, (steps + warmup + 1)*bs)
-        for a, size in sizes.items():
+        for i, (a, size) in enumerate(sizes.items()):
             dls = mura_dataloaders(rows, size=size, bs=bs, cache_dir=d, seed=seed, device=device, progress=False)
             torch.manual_seed(seed); learn = mura_learner(dls, a, size=size); learn.model.to(dls.device)
             clock = _StepClock(warmup, max_seconds)
@@ -584,6 +589,8 @@ def probe_rates(images:pd.DataFrame, # a few images (`read_mura` rows), repeated
             (n, t), (m, v) = clock.timed['train'], clock.timed['valid']
             out.append(dict(arch=a, size=size, bs=bs, device=str(dls.device), train_steps=n, train_img_s=bs*n/t,
                             infer_img_s=bs*m/v, cascade_steps=_cascade_steps(learn.model)))
+            if progress: print(f"probe {i + 1}/{len(sizes)}: {a} at {size} px, batch {bs}: {bs*n/t:.1f} images/s "
+                               f"training, {bs*m/v:.1f} inference", file=sys.stderr, flush=True)
     return pd.DataFrame(out).set_index('arch')
 
 # %% ../nbs/07_bench.ipynb #b1ccdf00
@@ -598,10 +605,31 @@ def probe_data(paths:list, # image files like the run's
                        capture_output=True)
     return dict(decode_img_s=min(n, len(paths))/dec.seconds, start_s=start.seconds)
 
+# %% ../nbs/07_bench.ipynb #175ca879
+# what a ci run's chapters took beyond the plan's passes (`examples_measured`) on the reference machine: 2 cores
+CHAPTER_EXAMPLES_S = dict(synth=10.4, data=12.0, learner=41.9, tuning=25.9, interpret=21.8)
+REFERENCE_START_S = 5.8  # `probe_data`'s start_s on that machine, in the same run
+
+def example_seconds(chapter:str, # a chapter of `CHAPTER_EXAMPLES_S`
+                    start_s:float=REFERENCE_START_S, # `probe_data`'s start_s on the machine to plan for
+                   ) -> float:
+    "Seconds `chapter`'s own examples and checks take, scaled from the reference machine by the import time."
+    return CHAPTER_EXAMPLES_S[chapter]*start_s/REFERENCE_START_S
+
+def examples_measured(rd:Path, # a finished run with its `plan.csv`, e.g. of the `ci` profile
+                     ) -> pd.Series:
+    "Seconds each chapter of the run took beyond the passes its plan counts: the examples' time on that machine."
+    from mura_study.study import chapter_times  # the report's own reading of papermill's metadata
+    work = pd.read_csv(Path(rd)/'plan.csv')
+    passes = work[work.what != "the chapter's examples and checks"].groupby('chapter').seconds.sum()
+    t = chapter_times(rd).assign(chapter=lambda d: d.chapter.str.split('_', n=1).str[-1]).set_index('chapter')
+    return (t.seconds - passes.reindex(t.index)).dropna().rename('examples_s').round(1)
+
 # %% ../nbs/07_bench.ipynb #5258b43e
 _CURVE = 2*(32 + 1)  # a deletion and an insertion curve of 32 steps: forward passes per scored map
 _CASES = 4  # cases of the interpretation chapter's overlay figure, each with every method
 _SYNTH_EXAMPLE = dict(n_patients=60, size=160)  # the synth chapter's own set: its parameters, which reproduce leaves
+_DATA_PASSES = 5  # the data chapter reads every image three times (two examples, the run's check), caches it twice
 
 def _work(chapter, what, n, rate, **kw) -> dict:
     return dict(chapter=chapter, what=what, images=int(round(n)), per_s=rate, **kw)
@@ -618,49 +646,74 @@ def _interpret_work(prof, rates, n_test, n_boxed) -> list:
                        arch=a)]
     return rows
 
+def _training_work(t, r) -> list:
+    kw = dict(arch=t.arch, tag=t.tag, protocol=t.protocol, seed=t.seed, trial=t.trial, epochs=t.epochs,
+              expected_epochs=t.expected_epochs)
+    if getattr(t, 'reused', False):  # trained by an earlier run: the chapter only scores it again
+        return [_work(t.chapter, 'evaluation of a model trained earlier', t.eval_images, r.infer_img_s, **kw)]
+    return [_work(t.chapter, 'training', t.train_images*t.expected_epochs, r.train_img_s, **kw),
+            _work(t.chapter, 'validation and evaluation', t.valid_images*t.expected_epochs + t.eval_images,
+                  r.infer_img_s, **kw)]
+
 def plan_work(prof:Profile, # the run profile
               images:pd.DataFrame, # the run's images (`plan_images`)
-              trainings:pd.DataFrame, # `plan_trainings`
+              trainings:pd.DataFrame, # `plan_trainings`, with `reused` where some are in the run folder already
               rates:pd.DataFrame, # `probe_rates` of every architecture in `trainings` and `prof.archs`
               data_rates:dict, # `probe_data`, and `render_img_s` (one process, at `prof.synth_side`)
               make_data:bool=False, # count rendering the run's synthetic set
              ) -> pd.DataFrame:
     "Every pass over images each chapter makes: what, how many images, at what measured rate, and the seconds."
     test = images[images.split == 'valid']
-    rows = [_work(c, 'kernel start and imports', 1, 1/data_rates['start_s'])
-            for c in ('synth', 'data', 'learner', 'tuning', 'interpret')]
+    rows = [_work(c, 'kernel start and imports', 1, 1/data_rates['start_s']) for c in CHAPTER_EXAMPLES_S]
+    rows += [_work(c, "the chapter's examples and checks", 1, 1/example_seconds(c, data_rates['start_s']))
+             for c in CHAPTER_EXAMPLES_S]
     render = 2*data_rates['render_img_s']  # make_mura's two worker processes
     if make_data: rows.insert(0, _work('setup', 'synthetic set rendered (2 workers)', len(images), render))
     rows += [_work('synth', 'the chapter\'s own example set rendered', len(plan_mura(_SYNTH_EXAMPLE['n_patients'])),
                    render*(prof.synth_side/_SYNTH_EXAMPLE['size'])**2)]  # rendering costs about its pixels
-    rows += [_work('data', 'images decoded: the check, then the grey cache', 2*len(images), data_rates['decode_img_s'])]
-    for t in trainings.itertuples():
-        r, kw = rates.loc[t.arch], dict(arch=t.arch, tag=t.tag, protocol=t.protocol, seed=t.seed, trial=t.trial,
-                                        epochs=t.epochs, expected_epochs=t.expected_epochs)
-        rows += [_work(t.chapter, 'training', t.train_images*t.expected_epochs, r.train_img_s, **kw),
-                 _work(t.chapter, 'validation and evaluation', t.valid_images*t.expected_epochs + t.eval_images,
-                       r.infer_img_s, **kw)]
+    rows += [_work('data', 'images decoded: three checks, two grey caches', _DATA_PASSES*len(images),
+                   data_rates['decode_img_s'])]
+    for t in trainings.itertuples(): rows += _training_work(t, rates.loc[t.arch])
     out = pd.DataFrame(rows + _interpret_work(prof, rates, len(test), int(test.boxed.sum())))
     return out.assign(seconds=(out.images/out.per_s).round(1))
 
 # %% ../nbs/07_bench.ipynb #7a1d45c5
+def reused_trainings(trainings:pd.DataFrame, # `plan_trainings`
+                     rd:Path|None, # the run folder (None: nothing is reused)
+                     tune_arch:str='mobilenetv2', # the architecture the tuning chapter searches
+                    ) -> pd.Series:
+    "Which trainings an earlier run finished: a learner model with its `final/`, a trial the search has finished."
+    if rd is None: return pd.Series(False, index=trainings.index)
+    done = trainings.tag.map(lambda t: (Path(rd)/'models'/t/'final'/'model.safetensors').is_file())
+    trials = set()
+    if (Path(rd)/'tuning.db').is_file():
+        try: study = optuna.load_study(study_name=f'{tune_arch}-f1', storage=f"sqlite:///{Path(rd)/'tuning.db'}")
+        except KeyError: study = None  # the database holds only the learner's jobs
+        if study: trials = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                       TrialState.PRUNED))}
+    return done.where(trainings.chapter == 'learner', trainings.trial.isin(trials)).astype(bool)
+
 def study_plan(prof:Profile, # the run profile
                data:str|Path|None=None, # a MURA-v1.1 folder; None: the profile's synthetic set
                device:str='cpu', # where the probe trains (the device the run will use)
                steps:int|None=None, # timed probe steps per phase (None: 3 on the ci profile, else 30)
-               max_seconds:float=60., # a probe phase stops after this many timed seconds
+               max_seconds:float=20., # a probe phase stops after this many timed seconds
                seed:int=0, # the run's seed
                make_data:bool|None=None, # count rendering the synthetic set (None: when `data` is None)
+               rd:Path|None=None, # the run folder: trainings it holds already cost only their evaluation
+               progress:bool=False, # a line on stderr per architecture probed
               ) -> dict:
     "The run's trainings, the rates measured on `device`, and every pass over images with its estimated seconds."
     images = plan_images(prof, data, seed)
     trainings = plan_trainings(prof, images, seed)
+    trainings['reused'] = reused_trainings(trainings, rd)
     sizes = {a: arch_size(prof, a) for a in dict.fromkeys([*prof.archs, *trainings.arch])}
+    bs = prof.bs if torch.device(device).type != 'cpu' else min(prof.bs, 8)
     with tempfile.TemporaryDirectory() as d:
         with Timer() as ren: probe = read_mura(make_mura(d, n_patients=4, size=prof.synth_side, seed=seed, n_workers=0,
                                                          progress=False), progress=False)
-        rates = probe_rates(probe, sizes, bs=prof.bs, device=device, steps=steps or (3 if prof.name == 'ci' else 30),
-                            max_seconds=max_seconds, seed=seed)
+        rates = probe_rates(probe, sizes, bs=bs, device=device, steps=steps or (3 if prof.name == 'ci' else 30),
+                            max_seconds=max_seconds, seed=seed, progress=progress)
         data_rates = probe_data(list(images.path[:8]) if data is not None else list(probe.path), prof.size)
     data_rates['render_img_s'] = len(probe)/ren.seconds
     make_data = data is None if make_data is None else make_data

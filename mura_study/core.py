@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['RUN_SUBDIRS', 'PROFILES', 'DEFAULT_LR', 'DEFAULT_DROPOUT', 'DEFAULT_L2', 'CPU_ISA_ENV', 'PRUNER_RUNGS', 'FIGURE_DPI',
-           'BENCHMARKS', 'project_root', 'runs_root', 'run_dir', 'seed_everything', 'default_device', 'Profile',
-           'profile', 'cpu_env', 'planned_epochs', 'atomic_write', 'RunBusy', 'run_lock', 'run_data', 'write_figure',
-           'save_figure', 'save_table', 'Timer', 'seconds', 'torch_threads']
+__all__ = ['RUN_SUBDIRS', 'PROFILES', 'DEFAULT_LR', 'DEFAULT_DROPOUT', 'DEFAULT_L2', 'CPU_ISA_ENV', 'THREADS_ENV', 'PRUNER_RUNGS',
+           'FIGURE_DPI', 'BENCHMARKS', 'project_root', 'runs_root', 'run_dir', 'seed_everything', 'default_device',
+           'Profile', 'profile', 'cpu_env', 'search_epochs', 'planned_epochs', 'atomic_write', 'RunBusy', 'run_lock',
+           'run_data', 'write_figure', 'save_figure', 'save_table', 'Timer', 'seconds', 'torch_threads']
 
 # %% ../nbs/00_core.ipynb #e7cda018
 def project_root(start:Path|str|None=None, # folder to search upwards from (default: the working directory)
@@ -126,29 +126,51 @@ DEFAULT_L2 = 1e-6  # L2 penalty of the untuned models: none to speak of, and the
 
 # %% ../nbs/00_core.ipynb #55f9b6d1
 CPU_ISA_ENV = {'avx2': dict(ATEN_CPU_CAPABILITY='avx2', ONEDNN_MAX_CPU_ISA='AVX2', MKL_ENABLE_INSTRUCTIONS='AVX2')}
+THREADS_ENV = 'MURA_STUDY_THREADS'  # a thread count for every chapter of a run, in place of the profile's
 
 def cpu_env(prof:Profile, # the run profile (its `cpu_isa` and `threads`)
            ) -> dict:
     "Environment variables that pin torch, oneDNN and MKL to the profile's instruction set and thread count."
     if prof.cpu_isa is not None and prof.cpu_isa not in CPU_ISA_ENV:
         raise ValueError(f"Unknown cpu_isa {prof.cpu_isa!r}; known: {', '.join(CPU_ISA_ENV)} (or None).")
-    env = dict(CPU_ISA_ENV.get(prof.cpu_isa, {}))
-    if prof.threads: env |= dict(OMP_NUM_THREADS=str(prof.threads), MKL_NUM_THREADS=str(prof.threads))
+    env, threads = dict(CPU_ISA_ENV.get(prof.cpu_isa, {})), os.environ.get(THREADS_ENV) or prof.threads
+    if threads and not (str(threads).isdigit() and int(threads) >= 1):
+        raise ValueError(f"{THREADS_ENV}={threads!r}: give a whole number of threads (1 or more), or unset it.")
+    if threads: env |= dict(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
 # %% ../nbs/00_core.ipynb #66258ee5
 PRUNER_RUNGS = (1, 3, 9, 27)  # epochs at which successive halving compares trials (reduction factor 3)
 
-def _expected_trial_epochs(epochs:int, rungs=PRUNER_RUNGS, factor:int=3) -> float:
-    "Epochs a pruned trial trains on average when each rung keeps a `1/factor` share of the trials reaching it."
-    marks = [r for r in rungs if r < epochs] + [epochs]
-    return sum((b - a) / factor**i for i, (a, b) in enumerate(zip([0, *marks], marks)))
+def search_epochs(n_trials:int, # trials of the search, the baseline included
+                  epochs:int, # epochs of a trial's full schedule
+                  rungs=PRUNER_RUNGS, # epochs at which the pruner compares trials
+                  factor:int=3, # successive halving's reduction factor
+                  sims:int=2000, # searches replayed
+                  seed:int=0, # seed of the replays
+                 ) -> float:
+    "Epochs the search's new trials train in all: successive halving's rule replayed, the baseline best at each rung."
+    marks = [r for r in rungs if r < epochs]
+    rng, n = np.random.default_rng(seed), max(n_trials - 1, 0)
+    value, reached = rng.random((sims, n)), np.full((len(marks), sims, n), np.nan)
+    total = np.zeros(sims)
+    for k in range(n):
+        alive, e = np.ones(sims, bool), np.full(sims, float(epochs))
+        for i, m in enumerate(marks):
+            earlier = reached[i, :, :k]
+            competing = 2 + (~np.isnan(earlier)).sum(1)  # the baseline, the trials that reached the rung, this one
+            above = 1 + (earlier > value[:, [k]]).sum(1)  # the baseline leads: a new trial ranks second at best
+            reached[i, alive, k] = value[alive, k]
+            stop = alive & (above > np.maximum(competing//factor - 1, 0))  # optuna's `_is_trial_promotable_...`
+            e[stop], alive = m, alive & ~stop
+        total += e
+    return float(total.mean())
 
 def planned_epochs(prof:Profile) -> dict:
     "Training epochs per chapter: learner (exact), tuning expected under pruning, and tuning at most."
     learner = (len(prof.archs)*prof.seeds + 2*prof.protocol_seeds) * prof.epochs
     extra = prof.n_trials - 1  # the first trial is the learner chapter's official model
-    return dict(learner=learner, tuning_expected=round(extra*_expected_trial_epochs(prof.epochs)),
+    return dict(learner=learner, tuning_expected=round(search_epochs(prof.n_trials, prof.epochs)),
                 tuning_most=extra*prof.epochs)
 
 # %% ../nbs/00_core.ipynb #7fcabaad

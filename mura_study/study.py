@@ -209,8 +209,8 @@ def write_plan(rd:Path, # the folder to write `plan.csv` and `plan.md` into
                device:str|None=None, # where the probe trains (default: `core.default_device()`)
                steps:int|None=None, # timed probe steps (default: `bench.study_plan`'s)
               ) -> Path:
-    "Plan the run of `prof` on `device`, write `plan.csv` (every pass) and `plan.md` into `rd`; return `plan.md`."
-    plan = bench.study_plan(prof, data, device=str(device or default_device()), steps=steps)
+    "Plan the run of `prof` on `device` (what `rd` holds costs only its evaluation); write `plan.csv` and `plan.md`."
+    plan = bench.study_plan(prof, data, device=str(device or default_device()), steps=steps, rd=Path(rd), progress=True)
     Path(rd).mkdir(parents=True, exist_ok=True)
     with atomic_write(Path(rd)/'plan.csv') as t: plan['work'].to_csv(t, index=False)
     with atomic_write(Path(rd)/'plan.md') as t: t.write_text(bench.plan_markdown(plan, prof))
@@ -876,7 +876,7 @@ def _evaluate(a) -> int:
 def _plan(a) -> int:
     prof = core.profile(a.profile)
     if a.out: print(write_plan(a.out, prof, a.data, device=a.device, steps=a.steps).read_text()); return 0
-    plan = bench.study_plan(prof, a.data, device=str(a.device or default_device()), steps=a.steps)
+    plan = bench.study_plan(prof, a.data, device=str(a.device or default_device()), steps=a.steps, progress=True)
     print(bench.plan_markdown(plan, prof)); return 0
 
 def _bench(a) -> int:
