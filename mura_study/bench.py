@@ -708,11 +708,10 @@ def study_plan(prof:Profile, # the run profile
     trainings = plan_trainings(prof, images, seed)
     trainings['reused'] = reused_trainings(trainings, rd)
     sizes = {a: arch_size(prof, a) for a in dict.fromkeys([*prof.archs, *trainings.arch])}
-    bs = prof.bs if torch.device(device).type != 'cpu' else min(prof.bs, 8)
     with tempfile.TemporaryDirectory() as d:
         with Timer() as ren: probe = read_mura(make_mura(d, n_patients=4, size=prof.synth_side, seed=seed, n_workers=0,
                                                          progress=False), progress=False)
-        rates = probe_rates(probe, sizes, bs=bs, device=device, steps=steps or (3 if prof.name == 'ci' else 30),
+        rates = probe_rates(probe, sizes, bs=prof.bs, device=device, steps=steps or (3 if prof.name == 'ci' else 30),
                             max_seconds=max_seconds, seed=seed, progress=progress)
         data_rates = probe_data(list(images.path[:8]) if data is not None else list(probe.path), prof.size)
     data_rates['render_img_s'] = len(probe)/ren.seconds
@@ -733,6 +732,9 @@ def plan_summary(work:pd.DataFrame, # `study_plan(...)['work']`, or the `plan.cs
     return pd.concat([g, total]).rename_axis('chapter').astype(dict(trainings=int)).round(1)
 
 # %% ../nbs/07_bench.ipynb #c9a77138
+def _duration(s:float) -> str:
+    return f"{s/60:.0f} minutes" if s < 2*3600 else f"{s/3600:.1f} hours" if s < 2*86400 else f"{s/86400:.1f} days"
+
 def plan_markdown(plan:dict, # `study_plan`
                   prof:Profile, # the run profile
                  ) -> str:
@@ -744,6 +746,7 @@ def plan_markdown(plan:dict, # `study_plan`
     return '\n'.join([
         f"# Plan: profile `{prof.name}`", "", f"Measured on {machine(str(r.device.iloc[0]))}.", "",
         "## Estimated wall time per chapter", "", per_chapter.to_markdown(floatfmt=('', '.0f', '.1f', '.1f')), "",
+        f"In all about {_duration(per_chapter.loc['total', 'estimated_s'])}.", "",
         "## Rates measured (images per second)", "", r.to_markdown(floatfmt='.1f'), "",
         ', '.join(f"{k}: {v:.1f}" for k, v in d.items()), "",
         "## Trainings", "", t.to_markdown(floatfmt='.2f'), ""])
