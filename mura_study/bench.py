@@ -616,6 +616,7 @@ def example_seconds(chapter:str, # a chapter of `CHAPTER_EXAMPLES_S`
     "Seconds `chapter`'s own examples and checks take, scaled from the reference machine by the import time."
     return CHAPTER_EXAMPLES_S[chapter]*start_s/REFERENCE_START_S
 
+# %% ../nbs/07_bench.ipynb #81ce98f0
 def examples_measured(rd:Path, # a finished run with its `plan.csv`, e.g. of the `ci` profile
                      ) -> pd.Series:
     "Seconds each chapter of the run took beyond the passes its plan counts: the examples' time on that machine."
@@ -693,6 +694,7 @@ def reused_trainings(trainings:pd.DataFrame, # `plan_trainings`
                                                                                        TrialState.PRUNED))}
     return done.where(trainings.chapter == 'learner', trainings.trial.isin(trials)).astype(bool)
 
+# %% ../nbs/07_bench.ipynb #33eb1126
 def study_plan(prof:Profile, # the run profile
                data:str|Path|None=None, # a MURA-v1.1 folder; None: the profile's synthetic set
                device:str='cpu', # where the probe trains (the device the run will use)

@@ -166,6 +166,7 @@ def search_epochs(n_trials:int, # trials of the search, the baseline included
         total += e
     return float(total.mean())
 
+# %% ../nbs/00_core.ipynb #613a8e58
 def planned_epochs(prof:Profile) -> dict:
     "Training epochs per chapter: learner (exact), tuning expected under pruning, and tuning at most."
     learner = (len(prof.archs)*prof.seeds + 2*prof.protocol_seeds) * prof.epochs
