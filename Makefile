@@ -12,7 +12,7 @@ ifneq ($(wildcard .tools/quarto/bin/quarto),)
 export PATH := $(CURDIR)/.tools/quarto/bin:$(PATH)
 endif
 
-.PHONY: study results test lint check-sync check-readme readme nbtest pytest docs bench clean-venv
+.PHONY: study results test lint check-sync check-readme readme nbtest nbtest-library pytest docs bench clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ results: $(VENV)/.installed-dev
 	$(BIN)/mura-study results --name $(NAME)
 	$(MAKE) readme
 
-test: $(VENV)/.installed-dev lint check-sync check-readme nbtest pytest
+test: $(VENV)/.installed-dev lint check-sync check-readme nbtest-library pytest
 
 # ruff over the notebooks (the source), the modules and the tests; its rules and why are in pyproject.toml.
 lint: $(VENV)/.installed-dev
@@ -69,13 +69,24 @@ check-readme: $(VENV)/.installed-dev
 	@cmp -s $(README_TMP)/README.md README.md || { echo "README.md is stale: run 'make readme' and commit it."; diff $(README_TMP)/README.md README.md | head -20; exit 1; }
 	@echo "README.md up to date"
 
+# nbdev-test of every notebook (`#| slow` cells skipped).
 nbtest: $(VENV)/.installed-dev
 	$(BIN)/nbdev-test --n-workers 2 --timing
 
+# What `make test` runs of it: the library chapters and the index. The study's chapters (synth, data, learner, tuning,
+# interpret) run whole, `#| slow` cells included, in pytest's end-to-end `reproduce --profile ci`, whose parameters are
+# those their `parameters` cells hold: nbdev-test would only run them a second time. tests/test_style.py checks that
+# this list and the study's chapters cover every notebook.
+LIBRARY_NOTEBOOKS := ^(00_core|03_metrics|07_bench|08_study|index)\.ipynb$$
+nbtest-library: $(VENV)/.installed-dev
+	$(BIN)/nbdev-test --n-workers 2 --timing --file-re '$(LIBRARY_NOTEBOOKS)'
+
 # Two workers of one thread each, and every chapter a test runs on one thread too (MURA_STUDY_THREADS), so that the
-# two never share a core; tests/conftest.py keeps a file's tests, and all that read the end-to-end run, on one worker.
+# two never share a core. A file's tests stay on one worker (its module fixtures are built once); the end-to-end run
+# is built once for both (tests/conftest.py). `--dist loadgroup` would be finer, but with pytest 9.2 it silently
+# stops grouping (pytest-xdist issue #1386).
 pytest: $(VENV)/.installed-dev
-	MURA_STUDY_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	MURA_STUDY_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # The site of the kept demo run (results/demo), nothing re-executed: Quarto's when quarto exists (on the path, or
 # installed into .tools/quarto by ../shared/tools/quarto/install.sh), otherwise nbconvert's pages.

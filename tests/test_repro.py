@@ -1,6 +1,8 @@
 """The CPU pin of the ci and demo profiles makes a training bitwise repeatable: two pinned trainings give the same
-weights, and an unpinned one on a CPU with AVX-512 kernels does not."""
-import json, os, subprocess, sys
+weights, and an unpinned one on a CPU with AVX-512 kernels does not. Both at the ci profile's own thread count: with
+one thread (`make pytest` sets MURA_STUDY_THREADS=1) an AMD EPYC's AVX-512 and AVX2 kernels gave the same weights, so a
+single thread cannot show what the pin does."""
+import contextlib, json, os, subprocess, sys
 
 import pytest
 
@@ -22,7 +24,18 @@ for k, v in sorted(model.state_dict().items()): h.update(k.encode()); h.update(v
 print(json.dumps(dict(capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
                       sha256=h.hexdigest())))
 """
-PIN = core.cpu_env(core.profile("ci"))
+
+
+@contextlib.contextmanager
+def _profile_threads():
+    "Inside the block, `core.cpu_env` gives the profile's own thread count (MURA_STUDY_THREADS left out)."
+    before = os.environ.pop(core.THREADS_ENV, None)
+    try: yield
+    finally:
+        if before is not None: os.environ[core.THREADS_ENV] = before
+
+
+with _profile_threads(): PIN = core.cpu_env(core.profile("ci"))
 THREADS = {k: PIN[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
@@ -41,7 +54,7 @@ def _unpinned() -> dict:
 @pytest.fixture(scope="module")
 def pinned():
     "Two pinned trainings: one started inside `study.pinned_cpu` (as `reproduce` starts chapters), one given the env."
-    with study.pinned_cpu(core.profile("ci")): a = _train()
+    with _profile_threads(), study.pinned_cpu(core.profile("ci")): a = _train()
     return a, _train({**_unpinned(), **PIN})
 
 

@@ -153,19 +153,19 @@ def test_tune_help_lists_the_stand_in_fit_and_the_heartbeat():
 
 
 def test_bench_writes_its_table_where_out_says(tmp_path):
-    "The learner's benchmarks (on one thread), written with their targets and the machine that ran them."
+    "The data chapter's benchmarks (at 64 px, on one thread), written with their targets and the machine that ran them."
     out = tmp_path / "b.csv"
     cols = ["chapter", "benchmark", "measured", "target", "unit", "size", "meets_target", "machine"]
     kept = ["synth", "a row of an earlier run", 2.0, "> 1", "x faster", 320, True, "elsewhere"]
-    pd.DataFrame([kept, ["learner", "an old learner row", 1.0, "> 1", "x", 64, False, "elsewhere"]],
+    pd.DataFrame([kept, ["data", "an old data row", 1.0, "> 1", "x", 64, False, "elsewhere"]],
                  columns=cols).to_csv(out, index=False)
-    with core.torch_threads(1): assert study.main(["bench", "--only", "learner", "--out", str(out)]) == 0
+    with core.torch_threads(1): assert study.main(["bench", "--only", "data", "--size", "64", "--out", str(out)]) == 0
     df = pd.read_csv(out)
     assert list(df.columns) == cols
     assert df.iloc[0].tolist() == kept  # the chapters not benchmarked keep their rows, first in the chapters' order
     df = df[df.chapter != "synth"].reset_index(drop=True)
     assert df.meets_target.dtype == bool
-    assert set(df.chapter) == {"learner"} and len(df) >= 2 and df.benchmark.is_unique
-    assert "an old learner row" not in set(df.benchmark)
+    assert set(df.chapter) == {"data"} and len(df) >= 2 and df.benchmark.is_unique
+    assert "an old data row" not in set(df.benchmark)
     assert df.measured.notna().all() and (df.target != "").all()
-    assert "1 torch threads" in df.machine[0]
+    assert "1 torch threads" in df.machine[0] and set(df["size"]) == {64}

@@ -110,3 +110,15 @@ def test_every_name_a_module_reads_is_defined(mod):
     import importlib
     missing = undefined_names(mod.read_text(), vars(importlib.import_module(f'mura_study.{mod.stem}')))
     assert not missing, f"{mod.name} reads names it never defines or imports: {sorted(missing)}"
+
+
+def test_make_test_executes_every_notebook_once():
+    "`make test` nbdev-tests the notebooks its LIBRARY_NOTEBOOKS names; the end-to-end run executes the study's."
+    from mura_study import study
+    pattern = re.search(r"^LIBRARY_NOTEBOOKS := (.+)$", (ROOT / 'Makefile').read_text(), re.M).group(1)
+    pattern = pattern.replace('$$', '$')
+    tested = {p.name for p in (ROOT / 'nbs').glob('*.ipynb') if re.search(pattern, p.name)}
+    reproduced = {p.name for p in study.chapters()}
+    assert tested == {f'{c}.ipynb' for c in study.LIBRARY_CHAPTERS} | {'index.ipynb'}
+    assert not tested & reproduced
+    assert tested | reproduced == {p.name for p in (ROOT / 'nbs').glob('*.ipynb')}
