@@ -83,13 +83,29 @@ BAD_VALUES = [
 ]
 
 
+def _main(tmp_path, monkeypatch, *args) -> int:
+    "`study.main`, the console script's entry point, in this process: its exit status (argparse exits with 2)."
+    monkeypatch.setenv("MURA_STUDY_RUNS", str(tmp_path / "runs"))
+    try: return study.main(list(args))
+    except SystemExit as e: return e.code
+
+
 @pytest.mark.parametrize("args,names", BAD_VALUES)
-def test_a_bad_value_is_one_line_and_status_2_before_any_work(tmp_path, args, names):
-    out = _cli(tmp_path, *args, "--name", "bad") if args[0] in ("train", "tune") else _cli(tmp_path, *args)
-    assert out.returncode == 2, (args, out.stderr[-1500:])
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and names in lines[0] and "Traceback" not in out.stderr, out.stderr
+def test_a_bad_value_is_one_line_and_status_2_before_any_work(tmp_path, monkeypatch, capsys, args, names):
+    """In this process: the values are checked before anything runs. The console script's own status and stream are
+    checked by `test_a_bad_value_through_the_console_script`."""
+    status = _main(tmp_path, monkeypatch, *args, *(["--name", "bad"] if args[0] in ("train", "tune") else []))
+    err = capsys.readouterr().err
+    assert status == 2, (args, err[-1500:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.png")), "data was generated"
+
+
+def test_a_bad_value_through_the_console_script(tmp_path):
+    out = _cli(tmp_path, "train", "--lr", "nan", "--name", "bad")
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "mura-study train: argument --lr: 'nan' is not a finite number above 0. See 'mura-study train --help'."], out
 
 
 @pytest.mark.parametrize("args,says", [
