@@ -115,10 +115,11 @@ def test_a_bad_value_through_the_console_script(tmp_path):
     (["reproduce", "--profile", "paper", "--name", "bad"], "needs real data"),
     (["results", "--name", "never-run"], "is not finished"),
 ])
-def test_a_user_error_is_one_line_and_status_2(tmp_path, args, says):
-    out = _cli(tmp_path, *args)
-    assert out.returncode == 2, (args, out.stdout[-1000:], out.stderr[-1500:])
-    assert says in out.stderr and "Traceback" not in out.stderr, out.stderr
+def test_a_user_error_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, args, says):
+    status = _main(tmp_path, monkeypatch, *args)
+    out = capsys.readouterr()
+    assert status == 2, (args, out.out[-1000:], out.err[-1500:])
+    assert says in out.err and "Traceback" not in out.err, out.err
     assert not any((tmp_path / "runs").rglob("*.png")), "data was generated"
 
 
