@@ -4,8 +4,8 @@
 
 # %% ../nbs/08_study.ipynb #2ea6bb95
 from __future__ import annotations
-import argparse, ast, contextlib, copy, importlib, inspect, json, math, os, platform, re, shutil, subprocess, sys
-import tempfile
+import argparse, ast, contextlib, copy, functools, importlib, inspect, json, math, os, platform, re, shutil, subprocess
+import sys, tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -17,14 +17,14 @@ from .core import *
 
 # %% auto #0
 __all__ = ['bench', 'data', 'interpret', 'learner', 'synth', 'tuning', 'LIBRARY_CHAPTERS', 'PNG_BYTES_PER_PIXEL',
-           'CHECKPOINTS_PER_MODEL', 'REPORT_SECTIONS', 'REFERENCE_ARCH', 'FINDINGS', 'FINDING_COLUMNS', 'VERSIONED',
-           'CLAIM', 'FAITH_NOT_SCORES', 'CDN_WIDGET_SCRIPTS', 'BENCH_GROUPS', 'USER_ERRORS', 'chapters', 'finished',
-           'to_run', 'chapter_imports', 'disk_estimate', 'NotReady', 'preflight', 'run_chapter', 'pinned_cpu',
-           'write_plan', 'reproduce', 'chapter_times', 'interval', 'verdict', 'seed_spread', 'arch_finding',
-           'seed_finding', 'operating_point_finding', 'leak_finding', 'control_finding', 'tuning_finding',
-           'explanation_finding', 'findings', 'chapter_parameters', 'software_versions', 'claim_checklist',
-           'write_report', 'missing_outputs', 'render_html', 'docs_notebook', 'snapshot_run', 'docs_source',
-           'plain_notebook', 'build_docs', 'positive_int', 'positive_float', 'main']
+           'CHECKPOINTS_PER_MODEL', 'SAVE_EVERY_S', 'ENGINE', 'REPORT_SECTIONS', 'REFERENCE_ARCH', 'FINDINGS',
+           'FINDING_COLUMNS', 'VERSIONED', 'CLAIM', 'FAITH_NOT_SCORES', 'CDN_WIDGET_SCRIPTS', 'BENCH_GROUPS',
+           'USER_ERRORS', 'chapters', 'finished', 'to_run', 'chapter_imports', 'disk_estimate', 'NotReady', 'preflight',
+           'run_chapter', 'pinned_cpu', 'write_plan', 'reproduce', 'chapter_times', 'interval', 'verdict',
+           'seed_spread', 'arch_finding', 'seed_finding', 'operating_point_finding', 'leak_finding', 'control_finding',
+           'tuning_finding', 'explanation_finding', 'findings', 'chapter_parameters', 'software_versions',
+           'claim_checklist', 'write_report', 'missing_outputs', 'render_html', 'docs_notebook', 'snapshot_run',
+           'docs_source', 'plain_notebook', 'build_docs', 'positive_int', 'positive_float', 'main']
 
 # %% ../nbs/08_study.ipynb #8379b13f
 class _Chapter:
@@ -169,11 +169,39 @@ def _failed_cell(out:Path, err:Exception) -> str:  # a papermill.PapermillExecut
     return next((line for line in src.splitlines() if line.strip() and not line.startswith('#|')), '?')
 
 # %% ../nbs/08_study.ipynb #c5be2f72
+SAVE_EVERY_S = 10  # the most seconds between two writes of a running chapter's executed copy
+ENGINE = 'mura_study'  # the papermill engine `run_chapter` registers and uses
+
+@functools.cache
+def _engine() -> str:
+    "Register papermill's nbclient engine, writing the executed notebook less often (see below); return its name."
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+    class Manager(NotebookExecutionManager):
+        "Writes the executed notebook when it starts, at most every `SAVE_EVERY_S` s while it runs, and at its end."
+        def save(self, force:bool=False, **kwargs):
+            if force or (self.now() - self.last_save_time).total_seconds() >= SAVE_EVERY_S: super().save(**kwargs)
+        def notebook_start(self, **kwargs): super().notebook_start(**kwargs); self.save(force=True)
+        def notebook_complete(self, **kwargs): super().notebook_complete(**kwargs); self.save(force=True)
+    class Engine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=True, log_output=False,
+                             autosave_cell_every=30, **kwargs):  # papermill's `Engine.execute_notebook`, with `Manager`
+            nb_man = Manager(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
+                             autosave_cell_every=autosave_cell_every)
+            nb_man.notebook_start()
+            try: cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+    papermill_engines.register(ENGINE, Engine)
+    return ENGINE
+
 def run_chapter(nb:Path, out:Path, params:dict) -> float:
     "Execute one chapter with papermill; return its wall time in seconds, or raise naming chapter and cell."
     import papermill as pm  # here: the other commands do not need it
     with Timer() as t:
-        try: pm.execute_notebook(nb, out, parameters=params, cwd=nb.parent, progress_bar=True)
+        try: pm.execute_notebook(nb, out, parameters=params, cwd=nb.parent, progress_bar=True, engine_name=_engine())
         except pm.PapermillExecutionError as e:
             raise RuntimeError(f"Chapter {nb.stem} failed in cell {e.exec_count} ({_failed_cell(out, e)!r}): "
                                f"{e.ename}: {e.evalue}\nExecuted notebook: {out}") from None
