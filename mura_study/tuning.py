@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_tuning.ipynb #3a5b4dec
 from __future__ import annotations
-import importlib, json, re, shutil, tempfile, time, warnings
+import gc, importlib, json, re, shutil, tempfile, time, warnings
 from pathlib import Path
 from typing import Callable
 
@@ -27,11 +27,11 @@ from .learner import (ARCHS, check_training, evaluate, fail_stale, fingerprint, 
                                 load_model, mura_learner, open_storage, train, train_folder)
 
 # %% auto #0
-__all__ = ['SPACE', 'LIMITS', 'COUNTED', 'BASELINE', 'LIVE', 'SEARCH_METRICS', 'SEARCH_PLOTS', 'search_space', 'space_attr',
-           'open_study', 'wait_for_slot', 'SurplusTrial', 'baseline_params', 'enqueue_baseline', 'wait_for_baseline',
-           'trial_objective', 'run_trials', 'tune', 'TrialReport', 'config_learner', 'trial_tag', 'learner_fit',
-           'run_images', 'baseline_and_winner', 'trial_config', 'compare_tuned', 'tuning_table', 'tuning_cost',
-           'cost_summary', 'tuning_figures', 'load_fit', 'study_summary', 'tune_worker']
+__all__ = ['SPACE', 'LIMITS', 'COUNTED', 'BASELINE', 'LIVE', 'COLLECT_AFTER_S', 'SEARCH_METRICS', 'SEARCH_PLOTS', 'search_space',
+           'space_attr', 'open_study', 'wait_for_slot', 'SurplusTrial', 'baseline_params', 'enqueue_baseline',
+           'wait_for_baseline', 'trial_objective', 'run_trials', 'tune', 'TrialReport', 'config_learner', 'trial_tag',
+           'learner_fit', 'run_images', 'baseline_and_winner', 'trial_config', 'compare_tuned', 'tuning_table',
+           'tuning_cost', 'cost_summary', 'tuning_figures', 'load_fit', 'study_summary', 'tune_worker']
 
 # %% ../nbs/05_tuning.ipynb #04c65de3
 SPACE = {'lr': (1e-5, 1e-1, True), 'dropout': (0.0, 0.7, False), 'l2': (1e-6, 1e-1, True)}
@@ -181,6 +181,12 @@ def trial_objective(fit:Callable, # fit(params, report, trial) -> validation met
     return objective
 
 # %% ../nbs/05_tuning.ipynb #96570255
+COLLECT_AFTER_S = 10  # a trial that ran longer (a training) is followed by a full garbage collection
+
+def _collect_after_training(study:optuna.Study, trial:FrozenTrial):
+    "Free what a training's reference cycles hold (model, loaders); after a quick trial it would cost more than it."
+    if trial.duration is not None and trial.duration.total_seconds() > COLLECT_AFTER_S: gc.collect()
+
 def run_trials(study:optuna.Study, # from `open_study`
                fit:Callable, # fit(params, report, trial) -> validation metric of the kept model
                space:dict, # from `search_space`
@@ -193,8 +199,8 @@ def run_trials(study:optuna.Study, # from `open_study`
         if wait_for_slot(s, n_trials, poll=poll): enqueue_baseline(s, base)
     if wait_for_slot(study, n_trials, poll=poll):
         enqueue_baseline(study, base)
-        study.optimize(trial_objective(fit, space, n_trials), catch=(SurplusTrial,), gc_after_trial=True,
-                       callbacks=[next_trial, MaxTrialsCallback(n_trials, states=COUNTED)])
+        study.optimize(trial_objective(fit, space, n_trials), catch=(SurplusTrial,),
+                       callbacks=[_collect_after_training, next_trial, MaxTrialsCallback(n_trials, states=COUNTED)])
     return study
 
 # %% ../nbs/05_tuning.ipynb #39b8a535
