@@ -608,8 +608,8 @@ def probe_data(paths:list, # image files like the run's
 
 # %% ../nbs/07_bench.ipynb #175ca879
 # what a ci run's chapters took beyond the plan's passes (`examples_measured`) on the reference machine: 2 cores
-CHAPTER_EXAMPLES_S = dict(synth=10.4, data=12.0, learner=41.9, tuning=25.9, interpret=21.8)
-REFERENCE_START_S = 5.8  # `probe_data`'s start_s on that machine, in the same run
+CHAPTER_EXAMPLES_S = dict(synth=6.7, data=6.3, learner=27.9, tuning=16.7, interpret=19.0)
+REFERENCE_START_S = 8.3  # `probe_data`'s start_s on that machine, in the same run
 
 def example_seconds(chapter:str, # a chapter of `CHAPTER_EXAMPLES_S`
                     start_s:float=REFERENCE_START_S, # `probe_data`'s start_s on the machine to plan for
