@@ -1,11 +1,12 @@
 """Faults at the command line and in a run: two writers, bad values, a read-only disk, a run killed at every stage."""
-import os, signal, subprocess, sys, time
+import contextlib, os, signal, sqlite3, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from mura_study import core, study
+from mura_study.learner import JOBS_STUDY
 
 CLI = str(Path(sys.executable).parent / "mura-study")
 
@@ -138,12 +139,24 @@ def test_a_read_only_run_root_stops_the_run_before_it_starts(tmp_path):
 
 # --- a run killed at every stage, then finished: the same tables as a run never killed ------------------------------
 
+def _search_trial_running(rd: Path) -> bool:
+    "A trial of the search other than its baseline (trial 0) is running, as the run's database records it."
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{rd / 'tuning.db'}?mode=ro", uri=True, timeout=0.1)) as db:
+            return db.execute("SELECT count(*) FROM trials JOIN studies USING (study_id) WHERE study_name != ? "
+                              "AND number > 0 AND state = 'RUNNING'", (JOBS_STUDY,)).fetchone()[0] > 0
+    except sqlite3.Error: return False  # not made yet, or busy: look again at the next poll
+
+
 STAGES = [  # (stage, the condition on which reproduce is killed)
     ("data generation", lambda rd, log: len(list((rd / "data").rglob("*.png"))) >= 20),
     ("cache build", lambda rd, log: "02_data: running" in log and any((rd / "cache").glob("*"))),
     ("training", lambda rd, log: "04_learner: running" in log and any((rd / "models").rglob("*.safetensors"))),
-    ("tuning", lambda rd, log: "05_tuning: running" in log and (rd / "tuning.db").exists()),
-    ("explanation", lambda rd, log: "06_interpret: running" in log),
+    # tuning.db holds the learner's jobs too: the kill waits for a trial of the search to be training
+    ("tuning", lambda rd, log: "05_tuning: running" in log and _search_trial_running(rd)),
+    # the chapter's first table of the run: its maps, cascade and faithfulness scores are still to come
+    ("explanation", lambda rd, log: "06_interpret: running" in log
+     and (rd / "tables" / "gradcam_layer_valid.csv").is_file()),
 ]
 def _timing(col: str) -> bool:
     "Columns that measure time (or are chosen by timing: the fastest batch size), not results."
