@@ -283,8 +283,9 @@ def reproduce(profile:str='demo', # run profile: ci, demo or paper
     for nb in nbs:
         if nb not in todo: print(f"{nb.stem}: finished earlier, kept"); continue
         print(f"{nb.stem}: running")
-        shared = dict(storage=storage) if storage and 'storage' in _declared(nb) else {}  # learner and tuning
-        with pinned_cpu(prof): secs = run_chapter(nb, rd/'notebooks'/nb.name, {**params, **shared})
+        given = {**params, **(dict(storage=storage) if storage else {})}  # storage: the learner's and tuning's
+        mine = {k: v for k, v in given.items() if k in _declared(nb)}  # what the chapter declares (synth: its name)
+        with pinned_cpu(prof): secs = run_chapter(nb, rd/'notebooks'/nb.name, mine)
         print(f"{nb.stem}: done in {secs:.0f} s")
     write_report(rd, prof, data)
     if html: render_html(rd)
