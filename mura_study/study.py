@@ -769,7 +769,7 @@ def snapshot_run(rd:Path, # a finished run folder
         (dest/'notebooks'/nb.name).write_text(json.dumps(docs_notebook(json.loads(nb.read_text())), indent=1))
     for name in (*LIBRARY_CHAPTERS, 'index'):  # the notebooks a run does not execute
         out = dest/'notebooks'/f'{name}.ipynb'
-        pm.execute_notebook(nbs/f'{name}.ipynb', out, cwd=nbs, progress_bar=False)
+        pm.execute_notebook(nbs/f'{name}.ipynb', out, cwd=nbs, progress_bar=False, engine_name=_engine())
         out.write_text(json.dumps(docs_notebook(json.loads(out.read_text())), indent=1))
     return dest
 
